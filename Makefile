@@ -1,0 +1,44 @@
+# Everything runs inside .venv, built from the pinned file (CPU torch 2.13: no CUDA packages pulled in).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-gpu test-slow demo bench lint format clean
+
+$(STAMP): requirements/pinned.txt setup.py pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/pinned.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# default tier: CPU, Triton interpreter. Run pytest from its binary, not `python -m pytest`, which would put
+# the repo root on sys.path and let the top-level kernels/ folder shadow the hub package named `kernels`.
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q -m gpu
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+demo: $(STAMP)
+	$(BIN)/sails-fast demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_lora.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

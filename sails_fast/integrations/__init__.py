@@ -1,0 +1,1 @@
+"""Integrations with other libraries (PEFT, bitsandbytes, SAELens). Each module imports its library lazily."""

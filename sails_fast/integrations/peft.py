@@ -1,0 +1,176 @@
+"""Route PEFT LoRA layers through sails_fast's fused kernels, in place and reversibly.
+
+`fuse_lora(model)` replaces the `forward` of each eligible PEFT LoRA layer *instance* with one that calls
+the fused op; parameters, module names and state-dict keys are untouched, so `save_pretrained` still
+writes a standard PEFT checkpoint and `unfuse_lora` restores PEFT's own forward. A fused layer checks its
+state on every call and falls back to PEFT's forward when something changed since fusing (adapters
+disabled, merged, another adapter activated, mixed-batch `adapter_names`).
+
+Other layer types register a handler with `register_fuser`; `sails_fast.integrations.bnb` adds PEFT's
+`lora.bnb.Linear4bit` this way.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_ORIGINAL_FORWARD = "_sails_fast_original_forward"
+
+
+@dataclass
+class FuseReport:
+    """What `fuse_lora` did: fused module names, and the LoRA layers left alone with the reason."""
+
+    fused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fused {len(self.fused)} LoRA layer(s), left {len(self.skipped)} alone"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Fuser:
+    """How to fuse one PEFT layer class: why a layer cannot be fused (or None), and the fused forward."""
+
+    layer_type: type
+    reason_not_fusable: Callable[[nn.Module], str | None]
+    make_forward: Callable[[nn.Module, str], Callable]
+
+
+_FUSERS: list[_Fuser] = []
+
+
+def register_fuser(
+    layer_type: type,
+    reason_not_fusable: Callable[[nn.Module], str | None],
+    make_forward: Callable[[nn.Module, str], Callable],
+) -> None:
+    """Teach `fuse_lora` a new PEFT layer type (later registrations win over earlier ones)."""
+    _FUSERS.insert(0, _Fuser(layer_type, reason_not_fusable, make_forward))
+
+
+def common_reason_not_fusable(module: nn.Module) -> str | None:
+    """State that no fused path handles, whatever the base layer."""
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} active adapters (the fused path handles exactly one)"
+    name = active[0]
+    if name not in module.lora_A:
+        return f"active adapter {name!r} has no LoRA weights in this layer"
+    if module.disable_adapters:
+        return "adapters are disabled"
+    if module.merged:
+        return "the adapter is merged into the base weight"
+    if module.use_dora.get(name, False):
+        return "DoRA (weight-decomposed LoRA) is not fused"
+    if name in getattr(module, "lora_variant", {}):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__} is not fused"
+    if module.lora_bias.get(name, False):
+        return "lora_bias=True is not fused"
+    dropout = module.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(dropout).__name__} is not nn.Dropout"
+    return None
+
+
+def adapter_tensors(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(lora_A [r, in], lora_B [out, r], scaling, dropout_p for this call) of the single active adapter."""
+    name = module.active_adapters[0]
+    dropout = module.lora_dropout[name]
+    p = dropout.p if (isinstance(dropout, nn.Dropout) and dropout.training) else 0.0
+    return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]), float(p)
+
+
+def _linear_reason(module: nn.Module) -> str | None:
+    reason = common_reason_not_fusable(module)
+    if reason:
+        return reason
+    base = module.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style weights) is not fused"
+    return None
+
+
+def _make_linear_forward(module: nn.Module, backend: str) -> Callable:
+    from ..lora import lora_linear
+
+    original = getattr(module, _ORIGINAL_FORWARD)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or _linear_reason(self) is not None:
+            return original(x, *args, **kwargs)
+        base = self.get_base_layer()
+        lora_A, lora_B, scaling, p = adapter_tensors(self, x)
+        return lora_linear(x, base.weight, lora_A, lora_B, scaling, base.bias, p, backend=backend)
+
+    return forward
+
+
+def _register_builtin() -> None:
+    from peft.tuners.lora import layer as lora_layer
+
+    register_fuser(lora_layer.Linear, _linear_reason, _make_linear_forward)
+
+
+def _find_fuser(module: nn.Module) -> _Fuser | None:
+    if not _FUSERS:
+        _register_builtin()
+    for fuser in _FUSERS:
+        if isinstance(module, fuser.layer_type):
+            return fuser
+    return None
+
+
+def fuse_lora(model: nn.Module, *, backend: str = "auto") -> FuseReport:
+    """Route every eligible PEFT LoRA layer of `model` through the fused kernels, in place.
+
+    Args:
+        model: a PEFT model (or any module containing PEFT LoRA layers).
+        backend: passed to the fused op ("auto", "triton", "torch").
+    Returns:
+        FuseReport with the fused module names and, for every LoRA layer left alone, why.
+
+    Example:
+        >>> peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+        >>> report = fuse_lora(peft_model); print(report)
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    report = FuseReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        fuser = _find_fuser(module)
+        if fuser is None:
+            report.skipped[name] = f"{type(module).__name__} has no fused path"
+            continue
+        reason = fuser.reason_not_fusable(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        if _ORIGINAL_FORWARD not in module.__dict__:
+            # the bound class method, kept so unfuse_lora and the call-time fallback can use it
+            setattr(module, _ORIGINAL_FORWARD, module.forward)
+        module.forward = types.MethodType(fuser.make_forward(module, backend), module)
+        report.fused.append(name)
+    return report
+
+
+def unfuse_lora(model: nn.Module) -> int:
+    """Undo `fuse_lora`: restore PEFT's forward on every fused layer. Returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if _ORIGINAL_FORWARD in module.__dict__:
+            del module.__dict__["forward"]
+            del module.__dict__[_ORIGINAL_FORWARD]
+            restored += 1
+    return restored

@@ -1,0 +1,12 @@
+"""Packaging: `kernels/` at the top of the repo installs as `sails_fast.kernels`.
+
+It must never become a top-level module named `kernels`: that name belongs to the Hugging Face hub package
+which bitsandbytes and transformers probe at import time.
+"""
+
+from setuptools import setup
+
+setup(
+    packages=["sails_fast", "sails_fast.integrations", "sails_fast.kernels"],
+    package_dir={"sails_fast": "sails_fast", "sails_fast.kernels": "kernels"},
+)
