@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-gpu test-slow demo bench lint format clean
 
-$(STAMP): requirements/pinned.txt setup.py pyproject.toml
+$(STAMP): requirements/pinned.txt requirements/nodeps.txt setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/pinned.txt
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
