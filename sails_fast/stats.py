@@ -62,9 +62,7 @@ class FeatureStats:
                 raise ValueError(f"{name}: expected {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
 
     @classmethod
-    def empty(
-        cls, num_classes: int, num_features: int, device: torch.device | str = "cpu"
-    ) -> FeatureStats:
+    def empty(cls, num_classes: int, num_features: int, device: torch.device | str = "cpu") -> FeatureStats:
         """Zeroed accumulators for `num_classes` x `num_features`."""
         if num_classes < 1:
             raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
@@ -99,7 +97,8 @@ class FeatureStats:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tokens_seen"}
 
     def to(self, device: torch.device | str) -> FeatureStats:
-        return FeatureStats(**{k: v.to(device) for k, v in self.tensors().items()}, tokens_seen=self.tokens_seen)
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return FeatureStats(**moved, tokens_seen=self.tokens_seen)
 
     def mean(self) -> torch.Tensor:
         """[C, F] weighted mean activation, E_w[a]; 0 for a class with no weight."""
@@ -178,9 +177,8 @@ class FeatureStats:
             "metadata": metadata or {},
         }
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), {"header": json.dumps(header)}
-        )
+        tensors = {k: v.contiguous().cpu() for k, v in self.tensors().items()}
+        save_file(tensors, str(tmp), {"header": json.dumps(header)})
         tmp.replace(path)
 
     @classmethod
