@@ -1,0 +1,185 @@
+"""Shared benchmark plumbing: timing, the correctness gate, environment capture, CSV rows.
+
+Every benchmark checks a provider's output against the fp32 reference before timing it, and refuses to
+time (and so to report a speed-up for) a provider that fails. CPU rows are labelled with the CPU's name
+and never compared with GPU rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# the same rule as tests/helpers.py: twice the low-precision reference's own error, plus a floor
+ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device | str) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+    }
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, reps: int = 10) -> Timing:
+    """Median / p20 / p80 in ms. CUDA: triton.testing.do_bench; CPU: wall clock around each call."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else samples * 9
+    return Timing(statistics.median(samples), q[1], q[7])
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak CUDA memory above what was allocated before the call; None on CPU (not tracked by torch)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def check_close(
+    name: str, out: torch.Tensor, ref32: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """Raise if `out` breaks the 2x-reference-error rule; return its max abs error against fp32."""
+    out32, r32 = out.detach().float().cpu(), ref32.detach().float().cpu()
+    err = (out32 - r32).abs().max().item()
+    ref_err = (ref_lowp.detach().float().cpu() - r32).abs().max().item()
+    bound = 2 * ref_err + ATOL[dtype] * max(1.0, r32.abs().max().item())
+    if not err <= bound:  # also catches NaN
+        raise AssertionError(f"{name}: max abs error {err:.3e} exceeds {bound:.3e}; not timing it")
+    return err
+
+
+@dataclass
+class Row:
+    op: str
+    model: str
+    shape: str
+    dims: str
+    dtype: str
+    provider: str
+    mode: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    tflops: float | None = None
+    gbps: float | None = None
+    peak_mem_mb: float | None = None
+    max_abs_err: float | None = None
+    note: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, object]:
+        d = asdict(self)
+        env = d.pop("env")
+        return {**env, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in d.items()}}
+
+
+def append_rows(csv_name: str, rows: list[Row]) -> Path:
+    """Append rows to benchmarks/results/<csv_name>, writing the header for a new file."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / csv_name
+    flat = [r.flat() for r in rows]
+    if not flat:
+        return path
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(flat)
+    return path
+
+
+def print_rows(rows: list[Row]) -> None:
+    if not rows:
+        return
+    env = rows[0].env
+    print(f"device: {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}")
+    header = f"{'model':14} {'shape':10} {'dtype':9} {'mode':8} {'provider':11} {'median ms':>10}"
+    header += f" {'p20':>8} {'p80':>8}"
+    print(header + f" {'TFLOP/s':>8} {'max err':>9}")
+    for r in rows:
+        tf = "" if r.tflops is None else f"{r.tflops:.2f}"
+        err = "" if r.max_abs_err is None else f"{r.max_abs_err:.1e}"
+        print(
+            f"{r.model:14} {r.shape:10} {r.dtype:9} {r.mode:8} {r.provider:11} {r.median_ms:10.3f} "
+            f"{r.p20_ms:8.3f} {r.p80_ms:8.3f} {tf:>8} {err:>9}"
+        )
+
+
+def set_cpu_threads() -> None:
+    # a benchmark on a shared CPU uses the cores it was given, and says how many in its device name
+    threads = int(os.environ.get("SAILS_FAST_BENCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
