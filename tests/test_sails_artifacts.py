@@ -31,7 +31,8 @@ def _tensors():
 def test_round_trip(tmp_path):
     tensors = _tensors()
     config = SailsConfig().to_dict()
-    tensor_path, sidecar_path = save_artifact(tmp_path / "sub" / "thing", KIND, tensors, config=config, meta={"n": 3})
+    stem = tmp_path / "sub" / "thing"
+    tensor_path, sidecar_path = save_artifact(stem, KIND, tensors, config=config, meta={"n": 3})
     assert tensor_path == tmp_path / "sub" / "thing.safetensors" and sidecar_path.name == "thing.json"
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["thing.json", "thing.safetensors"]
     art = load_artifact(tmp_path / "sub" / "thing.safetensors", KIND)
