@@ -54,6 +54,7 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
     r"\bi(?:'m| am) (?:just )?an ai\b",
     r"\bi(?:'m| am) not (?:able|allowed|permitted|programmed|designed) to\b",
     r"\bi(?:'m| am) unable to\b",
+    r"\bi (?:won't|will not|wouldn't|would not) be able to\b",
     r"\b(?:it|this|that) (?:is|would be|'s) (?:not |in)appropriate\b",
     r"\b(?:is|are|be|it's) (?:illegal|unethical|harmful|against the law)\b",
     r"\bnot (?:ethical|legal|appropriate|something i can)\b",
