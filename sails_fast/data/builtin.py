@@ -1,4 +1,4 @@
-"""The project's own prompt sets, shipped as package data in `sails_fast/data/sets/*.json`.
+"""The project's own prompt sets, shipped as package data in `sails_fast/data/<name>.json`.
 
 - "harmless": everyday instructions a helpful assistant should answer (the harmless class, and the
   over-refusal check).
@@ -38,7 +38,7 @@ def builtin_set_metadata(name: str) -> dict:
 def _read(name: str) -> dict:
     if name not in BUILTIN_SETS:
         raise ValueError(f"name: unknown built-in set {name!r}; expected one of {BUILTIN_SETS}")
-    text = resources.files("sails_fast.data").joinpath("sets", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("sails_fast.data").joinpath(f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -52,7 +52,7 @@ def _load(name: str) -> list[PromptRecord]:
     ]
     # the stored count guards against a truncated or hand-edited file
     if len(records) != doc["count"]:
-        raise ValueError(f"sets/{name}.json: holds {len(records)} prompts but says count={doc['count']}")
+        raise ValueError(f"{name}.json: holds {len(records)} prompts but says count={doc['count']}")
     return records
 
 
