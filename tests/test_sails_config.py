@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sails_fast.sails.collect import CollectConfig
 from sails_fast.sails.config import (
     ALIGNED,
     CLASS_NAMES,
@@ -32,12 +33,13 @@ def test_defaults_follow_method():
 
 def test_round_trip_dict_and_json(tmp_path):
     cfg = SailsConfig(
+        collect=CollectConfig(layers=(1, 3), batch_size=2, pooling="token"),
         select=SelectConfig(score="t_stat", direction="aligned", top_k=7, eps=1e-4),
         subspace=SubspaceConfig(variance_threshold=0.9, rank=4, pooled=True, seed=3),
         init=InitConfig(target_modules=("q_proj", "down_proj"), write_side_A="small_random", lora_alpha=4.0),
     )
     d = cfg.to_dict()
-    assert isinstance(d["init"]["target_modules"], list)
+    assert isinstance(d["init"]["target_modules"], list) and d["collect"]["layers"] == [1, 3]
     assert SailsConfig.from_dict(json.loads(json.dumps(d))) == cfg
     path = tmp_path / "cfg.json"
     cfg.save(path)
@@ -55,6 +57,7 @@ def test_round_trip_dict_and_json(tmp_path):
         ({"select": {"topk": 3}}, "topk"),
         ({"subspace": {"rank": 4, "alpha": 1}}, "alpha"),
         ({"init": {"targets": ["q_proj"]}}, "targets"),
+        ({"collect": {"layerz": [1]}}, "layerz"),
     ],
 )
 def test_unknown_keys_rejected(data, needle):
@@ -89,6 +92,8 @@ def test_unknown_keys_rejected(data, needle):
         (lambda: InitConfig(layer_pattern=r"layers\.\d+"), r"InitConfig\.layer_pattern.*group"),
         (lambda: InitConfig(layer_pattern=r"layers\.(\d+"), r"InitConfig\.layer_pattern.*regex"),
         (lambda: SailsConfig(select=3), r"SailsConfig\.select"),
+        (lambda: SailsConfig(collect=SelectConfig()), r"SailsConfig\.collect"),
+        (lambda: SailsConfig.from_dict({"collect": {"pooling": "max"}}), r"pooling"),
     ],
 )
 def test_bad_values_name_the_field(make, needle):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from .collect import CollectConfig
+
 ALIGNED = 0
 UNALIGNED = 1
 NUM_CLASSES = 2
@@ -66,7 +68,7 @@ class _ConfigBase:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, _ConfigBase):
+            if hasattr(value, "to_dict"):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -112,12 +114,12 @@ class _ConfigBase:
 
 
 def _config_class(hint: Any) -> type | None:
-    """The _ConfigBase subclass inside a type hint like `X` or `X | None`, else None."""
+    """The config dataclass (one with `from_dict`) inside a type hint like `X` or `X | None`, else None."""
     candidates = [hint]
     if get_origin(hint) in (Union, types.UnionType):
         candidates = list(get_args(hint))
     for c in candidates:
-        if isinstance(c, type) and issubclass(c, _ConfigBase):
+        if isinstance(c, type) and dataclasses.is_dataclass(c) and hasattr(c, "from_dict"):
             return c
     return None
 
@@ -298,18 +300,28 @@ class InitConfig(_ConfigBase):
 class SailsConfig(_ConfigBase):
     """The whole pipeline's configuration: one section per step.
 
+    Sections: `collect` (CollectConfig, step 3, from `sails_fast.sails.collect`), `select`, `subspace`,
+    `init`. A missing section takes its defaults; unknown keys anywhere raise ValueError.
+
     Example:
         >>> cfg = SailsConfig.from_dict({"select": {"top_k": 32}, "subspace": {"rank": 8}})
         >>> cfg.save("sails.json"); SailsConfig.load("sails.json") == cfg
         True
     """
 
+    collect: CollectConfig = field(default_factory=CollectConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("select", SelectConfig), ("subspace", SubspaceConfig), ("init", InitConfig)):
+        sections = (
+            ("collect", CollectConfig),
+            ("select", SelectConfig),
+            ("subspace", SubspaceConfig),
+            ("init", InitConfig),
+        )
+        for name, cls in sections:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls.from_dict(value))
