@@ -1,0 +1,160 @@
+"""`sails-fast`: the SAILS pipeline from the command line.
+
+    sails-fast demo                                   the whole pipeline offline on the embedded model
+    sails-fast config > my.json                       the default run config, to edit
+    sails-fast run --config my.json --out runs/x      every step (artifacts reused when their config matches)
+    sails-fast stats|select|subspace|init|train ...   the pipeline up to that step
+    sails-fast eval runs/x [--judge PATH]             evaluate a run directory
+    sails-fast report runs/x                          write its HTML report
+
+`--model` takes a local folder or a hub id; `--sae` takes `[LAYER=]SPEC` where SPEC is a local SAELens
+directory or a SAELens "release/sae_id" (repeat it for several layers). Each command writes its resolved
+config to `<out>/config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STEP_COMMANDS = ("stats", "select", "subspace", "init", "train")
+
+
+def _parse_sae(specs: list[str], layers: tuple[int, ...]) -> dict:
+    """['12=path', ...] or one bare 'path' (with exactly one configured layer) -> SAEConfig overrides."""
+    mapping = {}
+    for spec in specs:
+        layer, sep, rest = spec.partition("=")
+        if sep and layer.strip().isdigit():
+            mapping[str(int(layer))] = rest
+        elif len(specs) == 1 and len(layers) == 1:
+            mapping[str(layers[0])] = spec
+        else:
+            raise ValueError(
+                "--sae: expected LAYER=SPEC (e.g. 12=./my_sae), or one bare SPEC with exactly one "
+                f"configured layer; got {spec!r} with layers {list(layers)}"
+            )
+    return {"source": "specs", "layers": sorted(int(k) for k in mapping), "specs": mapping}
+
+
+def build_config(args: argparse.Namespace):
+    from .sails.pipeline import RunConfig
+
+    data = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {args.config} must hold a JSON object")
+    if getattr(args, "model", None):
+        data.setdefault("model", {})["path"] = args.model
+    config = RunConfig.from_dict(data)
+    if getattr(args, "sae", None):
+        sae = {**config.sae.to_dict(), **_parse_sae(args.sae, config.sae.layers)}
+        config = RunConfig.from_dict({**config.to_dict(), "sae": sae})
+    return config
+
+
+def _print_summary(result) -> None:
+    print(f"run directory: {result.out_dir}")
+    if result.steps_reused:
+        print(f"reused: {', '.join(result.steps_reused)}")
+    for step, seconds in result.seconds.items():
+        print(f"  {step:9} {seconds:8.1f} s")
+    if result.after is not None:
+        from .sails.evaluate import compare
+
+        print(compare(result.before, result.after))
+    if result.report_path is not None:
+        print(f"report: {result.report_path}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .sails.pipeline import config_schema
+
+    print(json.dumps(config_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, until: str = "report") -> int:
+    from .sails.pipeline import run_pipeline
+
+    config = build_config(args)
+    result = run_pipeline(config, args.out, until=until, force=args.force, judge=getattr(args, "judge", None))
+    _print_summary(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .sails.pipeline import CONFIG_FILE, RunConfig, run_pipeline
+
+    run_dir = Path(args.run_dir)
+    config = RunConfig.load(run_dir / CONFIG_FILE)
+    result = run_pipeline(config, run_dir, until="eval", force=args.force, judge=args.judge)
+    _print_summary(result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .sails.report import report
+
+    path = report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, force=args.force, quick=args.quick)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sails-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="JSON run config (see `sails-fast config`); defaults when omitted")
+        p.add_argument("--out", required=True, help="run directory (artifacts, config.json, report)")
+        p.add_argument("--model", help="local model folder or hub id (overrides model.path)")
+        p.add_argument("--sae", action="append", help="[LAYER=]SPEC: SAELens directory or release/sae_id")
+        p.add_argument("--force", action="store_true", help="recompute steps computed with another config")
+
+    sub.add_parser("config", help="print the default run config as JSON").set_defaults(func=cmd_config)
+    p = sub.add_parser("run", help="run every step")
+    add_run_args(p)
+    p.add_argument("--judge", help="local judge model folder for the evaluation (1-5 harm rubric)")
+    p.set_defaults(func=cmd_run)
+    for step in STEP_COMMANDS:
+        p = sub.add_parser(step, help=f"run the pipeline up to '{step}'")
+        add_run_args(p)
+        p.set_defaults(func=lambda a, s=step: cmd_run(a, until=s))
+    p = sub.add_parser("eval", help="evaluate a run directory before/after training")
+    p.add_argument("run_dir")
+    p.add_argument("--judge", help="local judge model folder (1-5 harmfulness rubric)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="write the HTML report of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M-Instruct (CPU: ~15 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer prompts and steps (a smoke run)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"sails-fast: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
