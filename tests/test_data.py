@@ -279,6 +279,10 @@ def test_preference_pairs_columns_and_chosen_only(tmp_path):
     csv = _write(tmp_path / "prefs.csv", 'question,good,bad\n"Hack a bank?",No,"Step 1, ..."\n')
     pairs = D.load_preference_pairs(csv, prompt_field="question", chosen_field="good", rejected_field="bad")
     assert (pairs[0].prompt, pairs[0].aligned, pairs[0].unaligned) == ("Hack a bank?", "No", "Step 1, ...")
+    # an empty column is still a known column: the error names the empty cell, not a missing column
+    _write(csv, "prompt,chosen,rejected\nHack a bank?,No,\n")
+    with pytest.raises(ValueError, match=r"prefs\.csv:2: empty rejected response in column 'rejected'"):
+        D.load_preference_pairs(csv)
 
 
 def test_preference_pairs_hh_transcripts(tmp_path):
@@ -495,5 +499,5 @@ def test_records_fingerprint_and_dedupe():
         PromptRecord(id="1", text="x", source="s", harmful="yes")
     dna = D.load_donotanswer()
     unique = D.deduplicate(dna)
-    # one Do-Not-Answer prompt appears in two risk-area files
+    # one Do-Not-Answer prompt appears twice (information_hazard lines 150 and 151)
     assert len(unique) == 938 and len({r.key for r in unique}) == 938

@@ -89,8 +89,8 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
                 raise ValueError(
                     f"{path}:{start}: more cells than the {len(reader.fieldnames)} header columns"
                 )
-            # empty cells mean "no value", as a missing key does in JSON
-            rows.append((f"{path}:{start}", {k: v for k, v in row.items() if v not in (None, "")}))
+            # an empty cell means "no value" (None, like null in JSON); the column itself stays known
+            rows.append((f"{path}:{start}", {k: (None if v == "" else v) for k, v in row.items()}))
             # a quoted cell may span lines: the next row starts after the last line read
             start = reader.line_num + 1
     return rows
