@@ -780,6 +780,8 @@ def sweep(
 
     Per (seed, e) one world and one sample of max(sample_sizes) pairs are drawn, and each n takes the
     first n pairs, so a seed's curve over n is one growing dataset. The draws depend on the seed only.
+    The matrices are small: on a busy CPU, torch.set_num_threads(1) makes this several times faster
+    (benchmarks/theory.py does so).
 
     Args:
         sample_sizes: numbers of pairs.
