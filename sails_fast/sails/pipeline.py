@@ -34,7 +34,6 @@ from typing import Any, Literal
 
 import torch
 
-from .collect import CollectConfig
 from .config import SailsConfig, _ConfigBase
 from .evaluate import EvalConfig
 from .train import TrainConfig
@@ -150,7 +149,6 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    collect: CollectConfig = field(default_factory=CollectConfig)
     sails: SailsConfig = field(default_factory=SailsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -159,7 +157,6 @@ class RunConfig:
         "model": ModelConfig,
         "sae": SAEConfig,
         "data": DataConfig,
-        "collect": CollectConfig,
         "sails": SailsConfig,
         "train": TrainConfig,
         "eval": EvalConfig,
@@ -212,7 +209,8 @@ def step_fingerprints(config: RunConfig) -> dict[str, str]:
     """Fingerprint of every step: its own config section chained with its inputs' fingerprints."""
     c = config.to_dict()
     # progress bars and backends do not change results
-    collect = {k: v for k, v in c["collect"].items() if k not in ("progress", "backend", "batch_size")}
+    skip = ("progress", "backend", "batch_size")
+    collect = {k: v for k, v in c["sails"]["collect"].items() if k not in skip}
     fp: dict[str, str] = {}
     fp["data"] = _hash("data", c["data"])
     fp["model"] = _hash("model", c["model"]["path"])
@@ -430,7 +428,8 @@ def run_pipeline(
             pairs = build_refusal_pairs(
                 data["train"], templates=config.data.refusal_templates, seed=config.data.seed
             )
-        pairs = complete_pairs(model, tokenizer, pairs, config.collect, out_dir / "unaligned_cache.jsonl")
+        cache = out_dir / "unaligned_cache.jsonl"
+        pairs = complete_pairs(model, tokenizer, pairs, config.sails.collect, cache)
         pairs = [p for p in pairs if p.unaligned is not None]
         write_pairs(pairs, out_dir / "pairs.jsonl")
         return pairs
@@ -453,7 +452,7 @@ def run_pipeline(
     stats_dir = out_dir / "stats"
 
     def make_stats():
-        stats = collect_feature_stats(model, tokenizer, saes, pairs, config.collect)
+        stats = collect_feature_stats(model, tokenizer, saes, pairs, config.sails.collect)
         stats_dir.mkdir(exist_ok=True)
         for layer, s in stats.items():
             s.save(stats_dir / f"layer_{layer}.safetensors", {"layer": layer})

@@ -1,0 +1,123 @@
+"""run_pipeline and the sails-fast CLI end to end on a tiny random Llama and a SAELens SAE on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import save_tiny
+
+from sails_fast.cli import main as cli_main
+from sails_fast.sails.pipeline import STEPS, RunConfig, run_pipeline, step_fingerprints
+
+HARMFUL = [f"Explain how to steal item number {i} from a locked shop." for i in range(30)]
+
+
+def write_prompts(path, prompts):
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def save_tiny_sae(path, d: int = 64, width: int = 96, seed: int = 0):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=width))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.2)
+    sae.save_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model_dir = save_tiny(root / "model", num_layers=3)
+    sae_dirs = {layer: save_tiny_sae(root / f"sae{layer}", seed=layer) for layer in (0, 1)}
+    prompts = write_prompts(root / "harmful.jsonl", HARMFUL)
+    return model_dir, sae_dirs, prompts
+
+
+def tiny_config(model_dir, sae_dirs, prompts, **train) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {"path": str(model_dir), "quantize": "nf4"},
+            "sae": {
+                "layers": sorted(sae_dirs),
+                "source": "specs",
+                "specs": {str(k): str(v) for k, v in sae_dirs.items()},
+            },
+            "data": {"harmful": str(prompts), "train_prompts": 12, "eval_prompts": 4},
+            "sails": {
+                "collect": {"batch_size": 4, "max_length": 48, "max_new_tokens": 6, "progress": False},
+                "select": {"top_k": 8},
+                "subspace": {"rank": 4},
+            },
+            "train": {"max_steps": 3, "batch_size": 4, "save_every": 2, "progress": False, **train},
+            "eval": {"max_new_tokens": 4, "progress": False},
+        }
+    )
+
+
+def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
+    config = tiny_config(*tiny_assets)
+    out = tmp_path / "run"
+    first = run_pipeline(config, out, until="eval")
+    assert first.steps_run == list(STEPS[: STEPS.index("eval") + 1])
+    for name in ("config.json", "data.json", "pairs.jsonl", "saes.json", "stats/layer_0.safetensors",
+                 "stats/layer_1.safetensors", "init.json", "train/adapter/adapter_model.safetensors",
+                 "eval_before.json", "eval_after.json", "eval_table.txt", "run_state.json"):  # fmt: skip
+        assert (out / name).exists(), name
+    # the subspace is orthonormal and the selection keeps top_k features per layer
+    for basis in first.subspace.bases.values():
+        u = basis.U.double()
+        assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-5)
+    assert all(len(sel.ids) == 8 for sel in first.selection.layers.values())
+
+    again = run_pipeline(config, out, until="eval")
+    assert again.steps_run == [] and again.steps_reused[:3] == ["data", "pairs", "saes"]
+
+
+def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    run_pipeline(tiny_config(*tiny_assets), out, until="select")
+    changed = tiny_config(*tiny_assets)
+    changed.sails.select.top_k = 5
+    with pytest.raises(ValueError, match="'select' step computed with another configuration"):
+        run_pipeline(changed, out, until="select")
+    forced = run_pipeline(changed, out, until="select", force=True)
+    assert forced.steps_run == ["select"] and "stats" in forced.steps_reused
+
+
+def test_fingerprints_chain_downstream():
+    base = RunConfig()
+    changed = RunConfig.from_dict({"sails": {"subspace": {"rank": 8}}})
+    a, b = step_fingerprints(base), step_fingerprints(changed)
+    assert [s for s in a if a[s] == b[s]] == ["data", "pairs", "saes", "stats", "select"]
+
+
+def test_run_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_dict({"trian": {}})
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_dict({"train": {"max_stepz": 3}})
+
+
+def test_cli_step_commands_and_sae_flag(tiny_assets, tmp_path, capsys):
+    model_dir, sae_dirs, prompts = tiny_assets
+    cfg = tiny_config(model_dir, {0: sae_dirs[0]}, prompts).to_dict()
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "cli_run"
+    assert (
+        cli_main(["select", "--config", str(cfg_path), "--out", str(out), "--sae", f"1={sae_dirs[1]}"]) == 0
+    )
+    written = json.loads((out / "config.json").read_text())
+    assert written["sae"]["specs"] == {"1": str(sae_dirs[1])} and written["sae"]["layers"] == [1]
+    assert (out / "selection.safetensors").exists() or any(out.glob("selection*"))
+    assert not (out / "train").exists()
+    # a bad flag is a clear error, not a traceback
+    assert cli_main(["run", "--out", str(out), "--sae", "a=b", "--sae", "c"]) == 2
+    assert "--sae" in capsys.readouterr().err
