@@ -6,6 +6,15 @@ Stable public API (everything else is internal and may move):
 from .lora import FusedLoraLinear, lora_linear
 from .sae import SAEWeights, load_sae
 from .sae_stats import sae_feature_stats
+from .sails import (
+    InitConfig,
+    SailsConfig,
+    SelectConfig,
+    SubspaceConfig,
+    build_subspace,
+    init_lora_from_subspace,
+    select_features,
+)
 from .stats import FeatureStats
 
 __version__ = "0.1.0"
@@ -17,5 +26,12 @@ __all__ = [
     "load_sae",
     "sae_feature_stats",
     "FeatureStats",
+    "SailsConfig",
+    "SelectConfig",
+    "SubspaceConfig",
+    "InitConfig",
+    "select_features",
+    "build_subspace",
+    "init_lora_from_subspace",
     "__version__",
 ]
