@@ -7,6 +7,14 @@ which bitsandbytes and transformers probe at import time.
 from setuptools import setup
 
 setup(
-    packages=["sails_fast", "sails_fast.integrations", "sails_fast.kernels"],
+    packages=[
+        "sails_fast",
+        "sails_fast.data",
+        "sails_fast.integrations",
+        "sails_fast.kernels",
+        "sails_fast.sails",
+    ],
     package_dir={"sails_fast": "sails_fast", "sails_fast.kernels": "kernels"},
+    # the project's own prompt sets (harmless, safe-but-scary) ship as JSON inside the package
+    package_data={"sails_fast.data": ["*.json"]},
 )
