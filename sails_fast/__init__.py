@@ -4,6 +4,7 @@ Stable public API (everything else is internal and may move):
 """
 
 from .lora import FusedLoraLinear, lora_linear
+from .nf4 import NF4LoraLinear, NF4Weight, dequantize_nf4, qlora_linear, quantize_model_nf4, quantize_nf4
 from .sae import SAEWeights, load_sae
 from .sae_stats import sae_feature_stats
 from .sails import (
@@ -22,6 +23,12 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedLoraLinear",
     "lora_linear",
+    "NF4Weight",
+    "NF4LoraLinear",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "qlora_linear",
+    "quantize_model_nf4",
     "SAEWeights",
     "load_sae",
     "sae_feature_stats",

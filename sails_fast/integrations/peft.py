@@ -119,6 +119,13 @@ def _register_builtin() -> None:
     from peft.tuners.lora import layer as lora_layer
 
     register_fuser(lora_layer.Linear, _linear_reason, _make_linear_forward)
+    import importlib.util
+
+    # PEFT's lora.bnb.Linear4bit (QLoRA): only where bitsandbytes is installed
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from . import bnb
+
+        bnb.register()
 
 
 def _find_fuser(module: nn.Module) -> _Fuser | None:
