@@ -327,17 +327,26 @@ def prepare_data(config: DataConfig) -> dict[str, list]:
     harmful = split_records(_load_set(config.harmful), seed=config.seed)
     harmless = split_records(_load_set(config.harmless), seed=config.seed)
     safe_scary = split_records(_load_set(config.safe_scary), seed=config.seed)
+    # the over-refusal sets are never trained on or used for selection, so evaluation may take more than
+    # their 10 % test split: the test split first, then validation, then train, up to eval_prompts
+    everything = lambda s: [*s.test, *s.validation, *s.train]
     return {
         "train": _take(harmful.train, config.train_prompts),
         "validation": list(harmful.validation),
         "test": _take(harmful.test, config.eval_prompts),
-        "harmless_test": _take(harmless.test, config.eval_prompts),
-        "safe_scary_test": _take(safe_scary.test, config.eval_prompts),
+        "harmless_test": _take(everything(harmless), config.eval_prompts),
+        "safe_scary_test": _take(everything(safe_scary), config.eval_prompts),
     }
 
 
-def load_saes(config: SAEConfig, model_path: str, texts: list[str], out_dir: Path) -> dict[int, Any]:
-    """{layer: SAEWeights}: loaded from specs, or trained once per layer with sae-lens and cached."""
+def load_saes(
+    config: SAEConfig, model_config: ModelConfig, model, tokenizer, out_dir: Path
+) -> dict[int, Any]:
+    """{layer: SAEWeights}: loaded from specs, or trained once per layer with sae-lens and cached.
+
+    Embedded SAEs for the embedded model use the trainer's own cached collection (default texts, bf16);
+    for any other model they are trained on that model's activations.
+    """
     from ..sae import load_sae
 
     saes, provenance = {}, {}
@@ -346,13 +355,16 @@ def load_saes(config: SAEConfig, model_path: str, texts: list[str], out_dir: Pat
             spec = config.specs[str(layer)]
             saes[layer] = load_sae(spec)
             provenance[str(layer)] = {"spec": spec}
-        else:
-            from ..sae_training import SAETrainingConfig, embedded_sae
+            continue
+        from ..sae_training import SAETrainingConfig, embedded_sae
 
-            training = SAETrainingConfig.from_dict({**config.training, "layer": layer})
-            sae, info = embedded_sae(layer, texts=texts, config=training, model_path=model_path)
-            saes[layer] = sae
-            provenance[str(layer)] = info
+        training = SAETrainingConfig.from_dict(config.training)
+        if model_config.path == "embedded":
+            trained = embedded_sae(layer, config=training)
+        else:
+            trained = embedded_sae(layer, config=training, model=model, tokenizer=tokenizer)
+        saes[layer] = trained.weights
+        provenance[str(layer)] = {"trained": str(trained.path), "metrics": trained.metrics}
     _write_json(out_dir / "saes.json", provenance)
     return saes
 
@@ -438,13 +450,11 @@ def run_pipeline(
     if "saes" not in wanted:
         return result
 
-    sae_texts = [p.prompt if isinstance(p.prompt, str) else str(p.prompt) for p in pairs]
-    sae_texts += [getattr(r, "text", str(r)) for r in data["validation"]]
     # SAEs are cached outside the run (embedded) or read from their specs, so loading is the step itself
     saes = step(
         "saes",
-        lambda: load_saes(config.sae, model_path, sae_texts, out_dir),
-        lambda: load_saes(config.sae, model_path, sae_texts, out_dir),
+        lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir),
+        lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir),
     )
     if "stats" not in wanted:
         return result
