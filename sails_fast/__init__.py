@@ -16,6 +16,8 @@ from .sails import (
     init_lora_from_subspace,
     select_features,
 )
+from .sails.collect import CollectConfig, collect_feature_stats, generate_unaligned
+from .sails.train import TrainConfig, load_base_4bit, train
 from .stats import FeatureStats
 
 __version__ = "0.1.0"
@@ -40,5 +42,11 @@ __all__ = [
     "select_features",
     "build_subspace",
     "init_lora_from_subspace",
+    "CollectConfig",
+    "collect_feature_stats",
+    "generate_unaligned",
+    "TrainConfig",
+    "train",
+    "load_base_4bit",
     "__version__",
 ]

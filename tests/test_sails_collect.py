@@ -10,9 +10,9 @@ import torch
 from tiny import tiny_llama, tiny_tokenizer
 
 from sails_fast.sae import SAEWeights
+from sails_fast.sae_stats import sae_feature_stats
 from sails_fast.sails import collect as C
 from sails_fast.sails.collect import CollectConfig, collect_feature_stats, generate_unaligned
-from sails_fast.stats import FeatureStats
 
 pytest.importorskip("transformers")
 
@@ -58,34 +58,6 @@ def make_sae(seed: int, d: int = D, f: int = F) -> SAEWeights:
     )
 
 
-def _dense_stats(x, sae, labels, *, token_weights=None, num_classes=2, out=None, backend="auto"):
-    """Test-only stand-in with sae_feature_stats' contract, used until the real op is importable."""
-    a = sae.encode(x).float()
-    w = torch.ones(len(x)) if token_weights is None else token_weights.float()
-    s = FeatureStats.empty(num_classes, a.shape[1])
-    for c in range(num_classes):
-        m = labels == c
-        s.weight_sum[c] = w[m].sum()
-        s.token_count[c] = m.sum()
-        s.act_sum[c] = (w[m, None] * a[m]).sum(0)
-        s.act_sq_sum[c] = (w[m, None] * a[m] ** 2).sum(0)
-        s.active_count[c] = (a[m] > 0).sum(0)
-        if m.any():
-            masked = torch.where(m[:, None], a, torch.tensor(float("-inf")))
-            s.act_max[c], s.act_argmax[c] = masked.max(0)
-    s.tokens_seen = len(x)
-    return s if out is None else out.merge(s)
-
-
-def _real_or_standin():
-    try:
-        from sails_fast.sae_stats import sae_feature_stats
-
-        return sae_feature_stats
-    except ImportError:
-        return _dense_stats
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
@@ -100,7 +72,7 @@ def model(tok):
 def spy(monkeypatch):
     """Every call the hooks make to sae_feature_stats: (layer F, x, labels, token_weights)."""
     calls = []
-    fn = _real_or_standin()
+    fn = sae_feature_stats
 
     def recording(x, sae, labels, **kw):
         calls.append((sae.num_features, x.clone(), labels.clone(), kw["token_weights"].clone()))
@@ -161,10 +133,11 @@ def hand_stats(model, tok, pairs, sae_by_layer, pooling="response_mean"):
     return out
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("pooling", ["response_mean", "token"])
-def test_stats_equal_dense_hand_computation(model, tok, spy, pooling):
+def test_stats_equal_dense_hand_computation(model, tok, spy, pooling, backend):
     sae_by_layer = saes()
-    cfg = CollectConfig(layers=LAYERS, batch_size=3, pooling=pooling, progress=False)
+    cfg = CollectConfig(layers=LAYERS, batch_size=3, pooling=pooling, backend=backend, progress=False)
     stats = collect_feature_stats(model, tok, sae_by_layer, PAIRS, cfg)
     ref = hand_stats(model, tok, PAIRS, sae_by_layer, pooling)
     assert sorted(stats) == list(LAYERS)
