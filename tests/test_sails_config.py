@@ -14,6 +14,7 @@ from sails_fast.sails.config import (
     SelectConfig,
     SubspaceConfig,
 )
+from sails_fast.sails.train import TrainConfig
 
 
 def test_class_convention():
@@ -37,6 +38,7 @@ def test_round_trip_dict_and_json(tmp_path):
         select=SelectConfig(score="t_stat", direction="aligned", top_k=7, eps=1e-4),
         subspace=SubspaceConfig(variance_threshold=0.9, rank=4, pooled=True, seed=3),
         init=InitConfig(target_modules=("q_proj", "down_proj"), write_side_A="small_random", lora_alpha=4.0),
+        train=TrainConfig(learning_rate=1e-4, adam_betas=(0.8, 0.99), max_steps=3),
     )
     d = cfg.to_dict()
     assert isinstance(d["init"]["target_modules"], list) and d["collect"]["layers"] == [1, 3]
@@ -58,6 +60,7 @@ def test_round_trip_dict_and_json(tmp_path):
         ({"subspace": {"rank": 4, "alpha": 1}}, "alpha"),
         ({"init": {"targets": ["q_proj"]}}, "targets"),
         ({"collect": {"layerz": [1]}}, "layerz"),
+        ({"train": {"lr": 1e-4}}, "lr"),
     ],
 )
 def test_unknown_keys_rejected(data, needle):
@@ -93,6 +96,7 @@ def test_unknown_keys_rejected(data, needle):
         (lambda: InitConfig(layer_pattern=r"layers\.(\d+"), r"InitConfig\.layer_pattern.*regex"),
         (lambda: SailsConfig(select=3), r"SailsConfig\.select"),
         (lambda: SailsConfig(collect=SelectConfig()), r"SailsConfig\.collect"),
+        (lambda: SailsConfig(train=3), r"SailsConfig\.train"),
         (lambda: SailsConfig.from_dict({"collect": {"pooling": "max"}}), r"pooling"),
     ],
 )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from .collect import CollectConfig
+from .train import TrainConfig
 
 ALIGNED = 0
 UNALIGNED = 1
@@ -301,7 +302,8 @@ class SailsConfig(_ConfigBase):
     """The whole pipeline's configuration: one section per step.
 
     Sections: `collect` (CollectConfig, step 3, from `sails_fast.sails.collect`), `select`, `subspace`,
-    `init`. A missing section takes its defaults; unknown keys anywhere raise ValueError.
+    `init`, `train` (TrainConfig, step 7, from `sails_fast.sails.train`). A missing section takes its
+    defaults; unknown keys anywhere raise ValueError.
 
     Example:
         >>> cfg = SailsConfig.from_dict({"select": {"top_k": 32}, "subspace": {"rank": 8}})
@@ -313,6 +315,7 @@ class SailsConfig(_ConfigBase):
     select: SelectConfig = field(default_factory=SelectConfig)
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         sections = (
@@ -320,6 +323,7 @@ class SailsConfig(_ConfigBase):
             ("select", SelectConfig),
             ("subspace", SubspaceConfig),
             ("init", InitConfig),
+            ("train", TrainConfig),
         )
         for name, cls in sections:
             value = getattr(self, name)
