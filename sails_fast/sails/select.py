@@ -10,7 +10,10 @@ Scores (METHOD.md step 3), per feature i, with E_c the class-c weighted mean act
 
 For t_stat, n_c is the class's total token weight (`FeatureStats.weight_sum`): the number of examples
 under per-example mean pooling (token weight 1 / len(response)), the number of tokens under weight 1.
-s2_c = var_c * n_c / (n_c - 1) is the Bessel-corrected weighted variance (needs n_c > 1).
+s2_c = var_c * n_c / (n_c - 1) is the Bessel-corrected weighted variance (needs n_c > 1). Under per-example
+pooling var_c is the token-level variance (examples weighted equally), which by the law of total variance
+is at least the variance of the per-example means: the t here is conservative (never larger in magnitude
+than a t over per-example means would be), and it ranks features, it is not a calibrated test.
 """
 
 from __future__ import annotations
