@@ -54,6 +54,14 @@ def test_hand_computed_projector():
     torch.testing.assert_close(b.singular_values[:2], torch.tensor([2**0.5, 1.0]))
     torch.testing.assert_close(b.explained[:2], torch.tensor([2 / 3, 1 / 3]))
     assert b.explained_kept == pytest.approx(1.0, abs=1e-6)
+    # each column traces back to the features that built it: e0 <- latents 0 and 1, e1 <- latent 2
+    torch.testing.assert_close(
+        b.loadings.abs(), torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), atol=1e-6, rtol=0
+    )
+    assert [(layer, i) for layer, i, _ in b.top_features(0, n=2)] == [(4, 0), (4, 1)]
+    assert [(layer, i) for layer, i, _ in b.top_features(1, n=1)] == [(4, 2)]
+    with pytest.raises(ValueError, match="column"):
+        b.top_features(2)
     # unnormalised rows (norms 3, 0.5, 3) would give explained [0.947, 0.053] and r_S = 1 at tau = 0.8
     # one component: the top direction is e0, sign fixed positive
     one = build_subspace({4: sae}, sel, SubspaceConfig(variance_threshold=0.6, rank=1)).bases[4]
@@ -129,6 +137,12 @@ def test_pooled_and_per_layer():
     Pk = b.U[:, :4]
     torch.testing.assert_close(Pk @ Pk.T, torch.diag(torch.tensor([1.0, 1, 1, 1, 0, 0])), atol=1e-6, rtol=0)
     assert b.feature_ids[2].tolist() == [0, 1] and b.feature_ids[7].tolist() == [0, 1, 2]
+    # loadings rows follow the layers in order: layer 2's two features, then layer 7's three
+    assert b.loadings.shape == (5, 5)
+    M = torch.stack([_e(0, d), _e(1, d), _e(2, d), _e(3, d), _e(2, d)])
+    torch.testing.assert_close(b.loadings, M @ b.U, atol=1e-6, rtol=0)
+    top = {(layer, i) for layer, i, _ in b.top_features(0, n=2)}
+    assert top == {(7, 0), (7, 2)}  # the strongest direction is e2, which two layer-7 features share
 
 
 def test_save_load(tmp_path):
@@ -143,7 +157,7 @@ def test_save_load(tmp_path):
         for key, b in sub.bases.items():
             c = back.bases[key]
             assert torch.equal(c.U, b.U) and torch.equal(c.singular_values, b.singular_values)
-            assert torch.equal(c.explained, b.explained)
+            assert torch.equal(c.explained, b.explained) and torch.equal(c.loadings, b.loadings)
             assert (c.n_components, c.n_kept) == (b.n_components, b.n_kept)
             assert {k: v.tolist() for k, v in c.feature_ids.items()} == {
                 k: v.tolist() for k, v in b.feature_ids.items()

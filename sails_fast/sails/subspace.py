@@ -38,7 +38,10 @@ class SubspaceBasis:
         explained [min(m, d)] fp32: s_j^2 / ||M||_F^2 per component.
         n_components: r_S, components needed to reach the variance threshold (before truncation/padding).
         n_kept: SVD components in U (min(r_S, r)); columns after that are padding.
-        feature_ids: SAE layer -> [m_l] int64 latent ids whose decoder rows built M, in row order.
+        feature_ids: SAE layer -> [m_l] int64 latent ids whose decoder rows built M, in row order
+            (layers ascending, so M's rows are the concatenation over layers).
+        loadings [m, r] fp32: M U, row i = the i-th feature's unit decoder direction in U's coordinates
+            (the cosine between that direction and each column); how each column traces back to features.
     """
 
     U: torch.Tensor
@@ -47,6 +50,23 @@ class SubspaceBasis:
     n_components: int
     n_kept: int
     feature_ids: dict[int, torch.Tensor]
+    loadings: torch.Tensor
+
+    def top_features(self, column: int, n: int = 5) -> list[tuple[int, int, float]]:
+        """The n features whose unit decoder directions load most on column `column` of U (by |loading|).
+
+        Returns:
+            [(SAE layer, latent id, loading)], largest |loading| first.
+
+        Example:
+            >>> sub.bases[10].top_features(0, n=3)   # e.g. [(10, 4123, 0.81), (10, 77, -0.64), ...]
+        """
+        if not 0 <= column < self.rank:
+            raise ValueError(f"column: expected an index in [0, {self.rank}), got {column}")
+        rows = [(layer, int(i)) for layer in sorted(self.feature_ids) for i in self.feature_ids[layer]]
+        col = self.loadings[:, column]
+        order = torch.sort(col.abs(), descending=True, stable=True).indices[:n]
+        return [(*rows[int(i)], float(col[i])) for i in order]
 
     @property
     def explained_kept(self) -> float:
@@ -89,6 +109,7 @@ class Subspace:
             tensors[f"basis{key}.U"] = b.U
             tensors[f"basis{key}.singular_values"] = b.singular_values
             tensors[f"basis{key}.explained"] = b.explained
+            tensors[f"basis{key}.loadings"] = b.loadings
             for layer, ids in b.feature_ids.items():
                 tensors[f"basis{key}.feature_ids.layer{layer}"] = ids
             meta["bases"][str(key)] = {
@@ -115,6 +136,7 @@ class Subspace:
                     feature_ids={
                         int(layer): t[f"basis{key}.feature_ids.layer{layer}"] for layer in m["layers"]
                     },
+                    loadings=t[f"basis{key}.loadings"],
                 )
             sub = cls(
                 bases=bases,
@@ -188,6 +210,7 @@ def _basis(
         n_components=r_S,
         n_kept=n_kept,
         feature_ids={layer: i.clone() for layer, i in ids.items()},
+        loadings=(M @ U).float().contiguous(),
     )
 
 
@@ -242,7 +265,7 @@ def build_subspace(saes: dict[int, Any], selection: FeatureSelection, config: Su
     assert d_model is not None
     if config.rank > d_model:
         raise ValueError(f"config.rank: {config.rank} exceeds the residual width d = {d_model}")
-    ids = {layer: sel.ids for layer, sel in selection.layers.items()}
+    ids = {layer: selection.layers[layer].ids for layer in sorted(selection.layers)}
     if config.pooled:
         M = torch.cat([rows[layer] for layer in sorted(rows)], dim=0)
         bases = {POOLED: _basis(M, config, _generator(config.seed, POOLED), ids)}
