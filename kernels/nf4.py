@@ -14,7 +14,7 @@ of the dequantise-once path) are `kernels/lora.py`'s. Layout and rounding rules:
 
 Exactness: bitsandbytes rebuilds a double-quantised absmax with two fp32 roundings (product, then sum), so
 the kernels that do it launch with `enable_fp_fusion=False` (no FMA contraction). fp32 -> bf16 casts are
-rounded to nearest-even by hand under the interpreter, whose own cast does not round that way.
+rounded to nearest-even by hand under the interpreter, whose own cast truncates (a GPU rounds to nearest).
 
 Launchers check shapes, allocate through `_triton.empty` and launch; no autograd here.
 """
@@ -170,15 +170,15 @@ def _qlora_fwd_kernel(
         mask=m_r[:, None] & m_n[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
-    b_lora = dot(
-        b_xa.to(compute_dtype), b_bt.to(compute_dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST
-    )
+    b_xa = _round_to(b_xa.to(tl.float32), compute_dtype, UPCAST)
+    b_bt = _round_to(b_bt.to(tl.float32), compute_dtype, UPCAST)
+    b_lora = dot(b_xa, b_bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
     acc += scaling * b_lora
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         acc += b_bias[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
+             _round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 @autotune(
@@ -233,16 +233,16 @@ def _qlora_bwd_dx_kernel(
         mask=m_r[:, None] & m_k[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_K]
-    b_lora = dot(
-        b_g.to(compute_dtype), b_a.to(compute_dtype), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST
-    )
+    b_g = _round_to(b_g.to(tl.float32), compute_dtype, UPCAST)
+    b_a = _round_to(b_a.to(tl.float32), compute_dtype, UPCAST)
+    b_lora = dot(b_g, b_a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST)
     if HAS_DROPOUT:
         # the keep-mask the forward drew, regenerated from the seed
         b_keep = _keep_mask(seed, o_m, o_k, K, dropout_p)
         b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
     acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
+             _round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
 
 
 def _tl_dtype(dtype: torch.dtype, name: str):
