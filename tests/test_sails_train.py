@@ -289,8 +289,8 @@ def test_4bit_base_trains_on_cpu(tok, tmp_path):
     model = peft_model(tok, base=base)
     before = adapter_state(model)
     two = EXAMPLES[:2]
-    cfg = quiet(max_steps=6, batch_size=2, save_every=3, learning_rate=2e-2, warmup_ratio=0.0, fused=True)
-    res = train(model, tok, two, cfg, tmp_path / "run")
+    common = dict(max_steps=6, batch_size=2, save_every=3, learning_rate=2e-2, warmup_ratio=0.0)
+    res = train(model, tok, two, quiet(**common), tmp_path / "run")
     log = [json.loads(line) for line in res.log_path.read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log)
     # the same batch every step: the loss must go down
@@ -298,15 +298,34 @@ def test_4bit_base_trains_on_cpu(tok, tmp_path):
     after = adapter_state(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model.get_base_model().model.layers[0].self_attn.q_proj.weight.data, packed)
-    # fuse_lora's report is kept; layers without a fused path are listed, not an error
-    report = json.loads((tmp_path / "run" / "fuse_report.json").read_text())
-    assert len(report["fused"]) + len(report["skipped"]) == 2 * len(TARGETS)
-    assert res.fuse_report is not None
     loaded = peft.PeftModel.from_pretrained(
         load_base_4bit(model_dir, compute_dtype=torch.float32), str(res.adapter_dir)
     )
     for k, v in adapter_state(loaded).items():
         assert torch.equal(v, after[k]), k
+
+    # fused: the LoRA layers go through fuse_lora (torch backend here; the kernels have their own tests)
+    fused = peft_model(tok, base=load_base_4bit(model_dir, compute_dtype=torch.float32))
+    res_f = train(fused, tok, two, quiet(fused=True, backend="torch", **common), tmp_path / "fused")
+    report = json.loads((tmp_path / "fused" / "fuse_report.json").read_text())
+    assert len(report["fused"]) + len(report["skipped"]) == 2 * len(TARGETS) and res_f.fuse_report
+    log_f = [json.loads(line) for line in res_f.log_path.read_text().splitlines()]
+    for r, rf in zip(log, log_f, strict=True):
+        assert rf["loss"] == pytest.approx(r["loss"], rel=1e-4), (r, rf)
+    for k, v in adapter_state(fused).items():
+        torch.testing.assert_close(v, after[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_fuse_report_logged_not_fatal(tok, tmp_path, caplog):
+    base = tiny_llama(seed=0, num_layers=2, tokenizer=tok)
+    torch.manual_seed(100)
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS)
+    )
+    with caplog.at_level("WARNING", logger="sails_fast.sails.train"):
+        res = train(model, tok, EXAMPLES, quiet(max_steps=1, fused=True, backend="torch"), tmp_path)
+    assert "DoRA" in res.fuse_report and "fuse_lora left 8 LoRA layer(s)" in caplog.text
+    assert json.loads((tmp_path / "fuse_report.json").read_text())["fused"] == []
 
 
 def test_missing_trainable_parameters(tok, tmp_path):
