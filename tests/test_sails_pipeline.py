@@ -54,8 +54,8 @@ def tiny_config(model_dir, sae_dirs, prompts, **train) -> RunConfig:
                 "collect": {"batch_size": 4, "max_length": 48, "max_new_tokens": 6, "progress": False},
                 "select": {"top_k": 8},
                 "subspace": {"rank": 4},
+                "train": {"max_steps": 3, "batch_size": 4, "save_every": 2, "progress": False, **train},
             },
-            "train": {"max_steps": 3, "batch_size": 4, "save_every": 2, "progress": False, **train},
             "eval": {"max_new_tokens": 4, "progress": False},
         }
     )
@@ -102,7 +102,7 @@ def test_run_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown key"):
         RunConfig.from_dict({"trian": {}})
     with pytest.raises(ValueError, match="unknown key"):
-        RunConfig.from_dict({"train": {"max_stepz": 3}})
+        RunConfig.from_dict({"sails": {"train": {"max_stepz": 3}}})
 
 
 def test_cli_step_commands_and_sae_flag(tiny_assets, tmp_path, capsys):

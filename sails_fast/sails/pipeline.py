@@ -36,7 +36,6 @@ import torch
 
 from .config import SailsConfig, _ConfigBase
 from .evaluate import EvalConfig
-from .train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,6 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sails: SailsConfig = field(default_factory=SailsConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     _SECTIONS = {
@@ -158,7 +156,6 @@ class RunConfig:
         "sae": SAEConfig,
         "data": DataConfig,
         "sails": SailsConfig,
-        "train": TrainConfig,
         "eval": EvalConfig,
     }
 
@@ -222,7 +219,7 @@ def step_fingerprints(config: RunConfig) -> dict[str, str]:
     fp["select"] = _hash("select", fp["stats"], c["sails"]["select"])
     fp["subspace"] = _hash("subspace", fp["select"], c["sails"]["subspace"])
     fp["init"] = _hash("init", fp["subspace"], c["sails"]["init"], c["model"])
-    train = {k: v for k, v in c["train"].items() if k not in ("progress", "resume", "backend")}
+    train = {k: v for k, v in c["sails"]["train"].items() if k not in ("progress", "resume", "backend")}
     fp["train"] = _hash("train", fp["init"], fp["pairs"], train)
     evalc = {k: v for k, v in c["eval"].items() if k not in ("progress", "batch_size", "judge_batch_size")}
     fp["eval"] = _hash("eval", fp["train"], fp["data"], evalc)
@@ -506,7 +503,7 @@ def run_pipeline(
 
     result.train = step(
         "train",
-        lambda: train(peft_model, tokenizer, pairs, config.train, out_dir / "train"),
+        lambda: train(peft_model, tokenizer, pairs, config.sails.train, out_dir / "train"),
         lambda: _load_trained_adapter(peft_model, out_dir / "train" / "adapter"),
     )
     if "eval" not in wanted:
@@ -538,7 +535,7 @@ def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Pat
         from .train import load_base_4bit
 
         base = load_base_4bit(
-            model_path, compute_dtype=dtype, gradient_checkpointing=config.train.gradient_checkpointing
+            model_path, compute_dtype=dtype, gradient_checkpointing=config.sails.train.gradient_checkpointing
         )
     else:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device())
