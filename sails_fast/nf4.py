@@ -462,6 +462,15 @@ class NF4LoraLinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must move the NF4 tensors, never convert them: a bf16 absmax would no
+        # longer be the bitsandbytes format
+        kept = {n: b for n, b in self._buffers.items() if n.startswith("weight_") and b is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(self._buffers[name].device)
+        return self
+
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, r: int = 8, *, blocksize: int = 64, double_quant: bool = True, **kwargs

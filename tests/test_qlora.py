@@ -261,6 +261,10 @@ def test_nf4_lora_linear_module(kernel_device):
     layer(x).sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     assert layer.weight_packed.grad is None and layer.bias.grad is None
+    # a dtype change converts the adapter and bias, never the NF4 tensors
+    half = NF4LoraLinear.from_linear(base, r=4).to(torch.bfloat16)
+    assert half.lora_A.dtype == torch.bfloat16 and half.weight_nested_absmax.dtype == torch.float32
+    assert torch.equal(half.weight_nested_offset, NF4LoraLinear.from_linear(base, r=4).weight_nested_offset)
     frozen = NF4LoraLinear.from_linear(base, r=0).to(kernel_device)
     assert frozen.lora_A is None and not list(frozen.parameters(recurse=False))[0].requires_grad
     assert_close(
