@@ -175,10 +175,16 @@ def test_peft_round_trip_and_weights_only_checkpoints(tok, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
     for k, v in adapter_state(loaded).items():
         assert torch.equal(v, trained[k]), k
-    # checkpoints: only the newest kept (step 2; the final step writes the adapter instead), all
-    # loadable with weights_only=True
+    # a finished run, run again on its out_dir: restored from the last checkpoint, no step repeated
+    again = peft_model(tok, dropout=0.1)
+    res2 = train(again, tok, EXAMPLES, cfg, tmp_path)
+    assert res2.resumed_from == 4 and res2.final_loss == res.final_loss
+    for k, v in adapter_state(again).items():
+        assert torch.equal(v, trained[k]), k
+    assert len(res2.log_path.read_text().splitlines()) == 4
+    # checkpoints: only the newest kept (the last step's), all loadable with weights_only=True
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert ckpts == ["step-00000002"]
+    assert ckpts == ["step-00000004"]
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt", "state.pt"):
         torch.load(tmp_path / "checkpoints" / ckpts[0] / name, weights_only=True)
 
@@ -193,7 +199,7 @@ def test_resume_refuses_other_config_or_examples(tok, tmp_path):
     with pytest.raises(ValueError, match="resume=True"):
         fresh = quiet(max_steps=3, batch_size=2, save_every=1, learning_rate=1e-2, resume=False)
         train(peft_model(tok), tok, EXAMPLES, fresh, tmp_path)
-    (tmp_path / "checkpoints" / "step-00000002" / "optimizer.pt").write_bytes(b"garbage")
+    (tmp_path / "checkpoints" / "step-00000003" / "optimizer.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="optimizer.pt is unreadable"):
         train(peft_model(tok), tok, EXAMPLES, cfg, tmp_path)
     with pytest.raises(ValueError, match="examples: expected at least one"):

@@ -253,13 +253,10 @@ def response_loss(model: nn.Module, input_ids, attention_mask, labels) -> tuple[
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     target = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return loss, int((target != -100).sum())
+    keep = target != -100
+    # only the response positions are upcast and scored: [n_tokens, V], not [B, S, V], in fp32
+    loss = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+    return loss, int(keep.sum())
 
 
 # ----- checkpoints
@@ -498,7 +495,7 @@ def train(
 
     run_config = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
     existing = _checkpoints(ckpt_root)
-    start, resumed_from = 0, None
+    start, resumed_from, final_loss = 0, None, None
     if existing and not config.resume:
         raise ValueError(
             f"out_dir: {out} already holds checkpoints of a run; set resume=True or use another out_dir"
@@ -517,6 +514,7 @@ def train(
             raise ValueError(f"out_dir: {out} holds a run over other examples (or another tokenizer)")
         data_order = state["data_order"]
         start, resumed_from = int(state["step"]), int(state["step"])
+        final_loss = state.get("last_loss")
         _trim_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
@@ -545,8 +543,9 @@ def train(
         enabled_ckpt = True
     was_training = peft_model.training
     peft_model.train()
-    device = next(iter(params)).device
-    final_loss = None
+    # inputs go where the embedding lives (the first device of a model split over several)
+    embed = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
+    device = embed.weight.device if embed is not None else params[0].device
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not config.progress)
     try:
         with log_path.open("a") as log:
@@ -583,7 +582,8 @@ def train(
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{final_loss:.4f}")
-                if config.save_every and done % config.save_every == 0 and done < total:
+                # the last step is saved too, so a finished run re-run on its out_dir returns at once
+                if config.save_every and (done % config.save_every == 0 or done == total):
                     state = {
                         "format": CHECKPOINT_FORMAT,
                         "step": done,
