@@ -3,6 +3,8 @@ lora.bnb.Linear4bit; the modules; and fuse_lora on a tiny Llama loaded in 4-bit 
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from helpers import assert_close
@@ -17,6 +19,10 @@ from sails_fast import (
     quantize_nf4,
 )
 from sails_fast.kernels.nf4_ref import qlora_linear_ref
+
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes (the oracle) is not installed"
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATHS = ["fused", "dequant"]
@@ -205,6 +211,7 @@ def _peft_linear4bit(w, bias, r, alpha, dropout, a, b):
 PEFT_CASES = [(torch.float32, 0.0), (torch.float16, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.2)]
 
 
+@needs_bnb
 @pytest.mark.parametrize(("dtype", "dropout_p"), PEFT_CASES, ids=[f"{d}-{p}" for d, p in PEFT_CASES])
 def test_matches_peft_bnb_linear4bit(dtype, dropout_p, kernel_device):
     """External oracle: PEFT's lora.bnb.Linear4bit on bitsandbytes' own NF4 weight; ours reads that weight
@@ -332,6 +339,7 @@ def _load_4bit_peft_llama(tmp_path):
     return model.train()
 
 
+@needs_bnb
 def test_fuse_lora_on_a_4bit_llama_matches_peft(tmp_path):
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
@@ -360,6 +368,7 @@ def test_fuse_lora_on_a_4bit_llama_matches_peft(tmp_path):
     assert torch.equal(logits_and_grads()[0], ref_logits)
 
 
+@needs_bnb
 def test_fuse_lora_leaves_fp4_layers_alone():
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
