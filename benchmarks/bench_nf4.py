@@ -1,6 +1,9 @@
 """NF4 dequantisation (GB/s) and the QLoRA linear (forward, backward) against bitsandbytes and PEFT.
 
     python benchmarks/bench_nf4.py --quick            # CPU: SmolLM2 shapes, fp32
+    OMP_NUM_THREADS=1 SAILS_FAST_BENCH_THREADS=1 python benchmarks/bench_nf4.py --quick
+                                                      # CPU on a shared machine: one thread, no stalls at
+                                                      # OpenMP barriers (how the committed CPU rows ran)
     python benchmarks/bench_nf4.py                    # CUDA: every named shape, bf16, 8192 tokens
     pytest benchmarks/bench_nf4.py --benchmark-only   # the QLoRA step through pytest-benchmark
 
@@ -31,7 +34,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Row, append_rows, check_close, environment, peak_memory_mb, print_rows, time_fn  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    append_rows,
+    check_close,
+    environment,
+    peak_memory_mb,
+    print_rows,
+    set_cpu_threads,
+    time_fn,
+)
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, MODELS  # noqa: E402
 
 from sails_fast import NF4Weight, dequantize_nf4, lora_linear, qlora_linear, quantize_nf4  # noqa: E402
@@ -267,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", nargs="*", default=None)
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/nf4.csv")
     args = parser.parse_args(argv)
+    set_cpu_threads()
 
     cuda = torch.device(args.device).type == "cuda"
     quick = args.quick or not cuda
