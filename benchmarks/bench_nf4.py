@@ -128,6 +128,7 @@ def bench_dequant(model: str, proj: str, dtype: torch.dtype, device: str, provid
                 p80_ms=t.p80_ms,
                 gbps=dequant_bytes(nf4, dtype) / (t.median_ms * 1e-3) / 1e9,
                 max_abs_err=0.0,
+                note=cpu_note(device),
                 env=env,
             )  # fmt: skip
         )
@@ -257,6 +258,7 @@ def bench_qlora(model, proj, m, r, dtype, device, providers, reps) -> list[Row]:
                     tflops=flops(m, k, n, r, mode) / (t.median_ms * 1e-3) / 1e12,
                     peak_mem_mb=peak,
                     max_abs_err=err,
+                    note=cpu_note(device),
                     env=env,
                 )  # fmt: skip
             )
