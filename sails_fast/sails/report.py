@@ -318,8 +318,10 @@ def plot_safety(before, after) -> bytes:
     ax = fig.add_subplot(111)
     x = list(range(len(rows)))
     nan = lambda v: float("nan") if v is None else v
-    ax.bar([i - 0.2 for i in x], [nan(r[1]) for r in rows], 0.4, label=before.label)
-    ax.bar([i + 0.2 for i in x], [nan(r[2]) for r in rows], 0.4, label=after.label)
+    for shift, col, lab in ((-0.2, 1, before.label), (0.2, 2, after.label)):
+        bars = ax.bar([i + shift for i in x], [nan(r[col]) for r in rows], 0.4, label=lab)
+        # printed values: a rate of 0 draws no bar
+        ax.bar_label(bars, labels=["-" if r[col] is None else f"{r[col]:.2f}" for r in rows], fontsize=7)
     ax.set_xticks(x, [r[0] for r in rows], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
