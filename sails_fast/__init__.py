@@ -17,6 +17,9 @@ from .sails import (
     select_features,
 )
 from .sails.collect import CollectConfig, collect_feature_stats, generate_unaligned
+from .sails.evaluate import EvalConfig, EvalResult, compare, evaluate, evaluate_before_after
+from .sails.refusal import RefusalMatcher
+from .sails.report import report
 from .sails.train import TrainConfig, load_base_4bit, train
 from .stats import FeatureStats
 
@@ -48,5 +51,12 @@ __all__ = [
     "TrainConfig",
     "train",
     "load_base_4bit",
+    "EvalConfig",
+    "EvalResult",
+    "evaluate",
+    "evaluate_before_after",
+    "compare",
+    "RefusalMatcher",
+    "report",
     "__version__",
 ]
