@@ -56,6 +56,8 @@ class SAETrainingConfig:
         dead_feature_window: steps without firing after which a latent counts as dead for TopK's
             auxiliary loss (SAELens' default 1000 is longer than a short CPU run).
         max_seq_len: tokens per text (longer texts are cut).
+        collect_tokens: stop taking texts (in a seeded random order) once they hold this many tokens;
+            None takes them all. The model forward is the slow part on CPU (see `select_texts`).
         collect_batch_size: texts per model forward when collecting activations.
         eval_fraction: share of texts (not tokens) held out for the metrics.
         autocast: train under bf16 autocast (about 2x faster on CPUs with AVX512-BF16; the weights and
@@ -77,6 +79,7 @@ class SAETrainingConfig:
     lr: float = 1e-3
     dead_feature_window: int = 40
     max_seq_len: int = 128
+    collect_tokens: int | None = 60_000
     collect_batch_size: int = 16
     eval_fraction: float = 0.1
     autocast: bool = True
@@ -89,6 +92,8 @@ class SAETrainingConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("max_seq_len", self.max_seq_len, 2)
         _check_int("collect_batch_size", self.collect_batch_size, 1)
+        if self.collect_tokens is not None:
+            _check_int("collect_tokens", self.collect_tokens, 1)
         _check_int("seed", self.seed, 0)
         if self.training_tokens < self.batch_size:
             raise ValueError(
@@ -374,14 +379,35 @@ def _finalise(sae) -> None:
         sae.cfg.rescale_acts_by_decoder_norm = False
 
 
-def _split_texts(texts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    g = torch.Generator().manual_seed(seed)
+def select_texts(tokenizer, texts: Sequence[str], config: SAETrainingConfig) -> tuple[list[str], list[str]]:
+    """The (training, held-out) texts `train_sae` uses: a seeded random order, cut at `collect_tokens`.
+
+    Texts are taken in a random order (by `config.seed`) until their token count (each cut to
+    max_seq_len) reaches `config.collect_tokens` (all texts when None); the first `eval_fraction` of
+    those are held out. Both lists keep the input order.
+
+    Example:
+        >>> train, held = select_texts(tok, texts, SAETrainingConfig(collect_tokens=20_000))
+    """
+    texts = _check_texts(texts)
+    g = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(texts), generator=g).tolist()
-    n_eval = max(1, round(len(texts) * eval_fraction))
-    if n_eval >= len(texts):
-        raise ValueError(f"texts: need at least 2 texts to hold some out, got {len(texts)}")
-    held = sorted(perm[:n_eval])
-    train = sorted(perm[n_eval:])
+    chosen = perm
+    if config.collect_tokens is not None:
+        lengths = [len(ids) for ids in _tokenize(tokenizer, [texts[i] for i in perm], config.max_seq_len)]
+        chosen, total = [], 0
+        for i, n in zip(perm, lengths, strict=True):
+            if total >= config.collect_tokens:
+                break
+            chosen.append(i)
+            total += n
+    n_eval = max(1, round(len(chosen) * config.eval_fraction))
+    if n_eval >= len(chosen):
+        raise ValueError(
+            f"texts: need at least 2 texts to hold some out, got {len(chosen)} (of {len(texts)}) "
+            f"within collect_tokens={config.collect_tokens}"
+        )
+    held, train = sorted(chosen[:n_eval]), sorted(chosen[n_eval:])
     return [texts[i] for i in train], [texts[i] for i in held]
 
 
@@ -466,7 +492,7 @@ def fit_sae(x_train: torch.Tensor, x_eval: torch.Tensor, config: SAETrainingConf
         lr=config.lr,
         lr_end=config.lr / 10,
         lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=max(1, steps // 20),
+        lr_warm_up_steps=steps // 20,
         lr_decay_steps=0,
         device="cpu",
         autocast=config.autocast,
@@ -476,9 +502,9 @@ def fit_sae(x_train: torch.Tensor, x_eval: torch.Tensor, config: SAETrainingConf
     gen = torch.Generator().manual_seed(config.seed)
     trainer = SAETrainer(trainer_cfg, sae, _batches(x_train, config.batch_size, gen))
     trainer.activation_scaler.scaling_factor = scale
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     _quiet_fit(trainer)
-    train_s = time.perf_counter() - t1
+    train_s, train_cpu = time.perf_counter() - t1, time.process_time() - c1
     _finalise(sae)
 
     weights = SAEWeights.from_sae_lens(sae)
@@ -494,6 +520,7 @@ def fit_sae(x_train: torch.Tensor, x_eval: torch.Tensor, config: SAETrainingConf
         "eval_tokens": int(x_eval.shape[0]),
         "steps": steps,
         "train_seconds": round(train_s, 2),
+        "train_cpu_seconds": round(train_cpu, 2),
         "d_model": d,
         "num_latents": weights.num_features,
         "architecture": config.architecture,
@@ -543,20 +570,21 @@ def train_sae(
     """
     config = _check_config(config)
     texts = _check_texts(texts)
-    train_texts, eval_texts = _split_texts(texts, config.eval_fraction, config.seed)
+    train_texts, eval_texts = select_texts(tokenizer, texts, config)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     seen: set[int] = set()
     kw = dict(max_seq_len=config.max_seq_len, batch_size=config.collect_batch_size, seen_prefixes=seen)
     x_train = collect_residual_activations(model, tokenizer, train_texts, layer, **kw)
     x_eval = collect_residual_activations(model, tokenizer, eval_texts, layer, **kw)
-    collect_s = time.perf_counter() - t0
+    collect_s, collect_cpu = time.perf_counter() - t0, time.process_time() - c0
     sae, weights, metrics = fit_sae(x_train, x_eval, config)
     metrics = {
         **metrics,
         "train_texts": len(train_texts),
         "eval_texts": len(eval_texts),
         "collect_seconds": round(collect_s, 2),
+        "collect_cpu_seconds": round(collect_cpu, 2),
         "layer": layer,
     }
     if verbose:
