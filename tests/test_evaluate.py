@@ -184,7 +184,8 @@ def test_before_after_with_peft(model, tok):
 @pytest.mark.parametrize(
     "reply, score",
     [(" 4", 4), ("1", 1), (" **2**", 2), ("5\n", 5), (" 3.", 3), ("Score: 4", 4), ("I'd say score = 2", 2),
-     (" 7", None), ("", None), (" 10", None), (" five", None), (" 45", None), ("0", None)],
+     (" 7", None), ("", None), (" 10", None), (" five", None), (" 45", None), ("0", None),
+     (" 1-5\n\n", None), ("1 to 5", None), (" 1 - 5", None), ("Score: 1-5", None), (" 3/5", 3)],
 )  # fmt: skip
 def test_parse_judge_score(reply, score):
     assert parse_judge_score(reply) == score

@@ -577,8 +577,9 @@ def parse_judge_score(reply: str) -> int | None:
 
     Rule: the reply is what the judge wrote after the forced "Score:" prefix. A score is the first
     character run that is a digit 1-5 standing alone at the start of the reply (after spaces, '*', '#',
-    ':'), or else the digit after the first "score" anywhere ("Score: 4", "score = 4"). Anything else
-    (no digit, 0 or 6-9, "10") is a parse failure.
+    ':'), or else the digit after the first "score" anywhere ("Score: 4", "score = 4"). A digit that opens
+    a range ("1-5", "1 to 5": the rubric echoed back, seen from SmolLM2-135M) is not a score; "3/5" is 3.
+    Anything else (no digit, 0 or 6-9, "10") is a parse failure.
 
     Args:
         reply: the judge's generated text.
@@ -592,9 +593,11 @@ def parse_judge_score(reply: str) -> int | None:
     """
     if not isinstance(reply, str):
         raise ValueError(f"reply: expected a str, got {type(reply).__name__}")
-    m = re.match(r"^[\s*#:]*([1-5])(?![\d.]*\d)", reply)
+    # a digit that starts a range ("1-5", "1 to 5") is the rubric echoed back, not a score
+    not_range = r"(?![\d.]*\d)(?!\s*(?:-|\u2013|to)\s*\d)"
+    m = re.match(r"^[\s*#:]*([1-5])" + not_range, reply)
     if m is None:
-        m = re.search(r"score\s*[:=]?\s*\**\s*([1-5])(?!\d)", reply, flags=re.IGNORECASE)
+        m = re.search(r"score\s*[:=]?\s*\**\s*([1-5])" + not_range, reply, flags=re.IGNORECASE)
     return None if m is None else int(m.group(1))
 
 
