@@ -67,6 +67,18 @@ def test_logit_score_matches_naive(model, tok, system):
     assert (got.double() - ref).abs().max() < 1e-4, (got, ref)
 
 
+def test_logit_score_without_repeatable_cache(model, tok, monkeypatch):
+    from transformers import DynamicCache
+
+    cfg = EvalConfig(batch_size=2, progress=False)
+    with_cache = logit_refusal_scores(model, tok, PROMPTS, cfg)
+    owner = next(c for c in DynamicCache.__mro__ if "batch_repeat_interleave" in c.__dict__)
+    monkeypatch.delattr(owner, "batch_repeat_interleave")
+    assert not hasattr(DynamicCache, "batch_repeat_interleave")
+    without = logit_refusal_scores(model, tok, PROMPTS, cfg)
+    assert (with_cache - without).abs().max() < 1e-4
+
+
 def test_logit_score_antisymmetric(model, tok):
     a = EvalConfig(
         progress=False, refusal_openings=("I cannot", "Sorry"), compliance_openings=("Sure", "Here")

@@ -548,18 +548,23 @@ def logit_refusal_scores(
             logp = first[:, tgt[:, 0].to(device)].cpu()  # [B, O]
             if M > 0:
                 cache = out.past_key_values
-                cache.batch_repeat_interleave(M)
                 t_m = tgt[multi]  # [M, L]
                 cont = t_m[:, : L - 1].clamp_min(0).repeat(B, 1).to(device)  # [B*M, L-1]
                 cont_mask = (t_m[:, : L - 1] >= 0).long().repeat(B, 1).to(device)
                 full_mask = torch.cat([mask.repeat_interleave(M, 0), cont_mask], 1)
-                cont_pos = mask.sum(-1, keepdim=True).repeat_interleave(M, 0) + torch.arange(
-                    L - 1, device=device
-                )
-                nxt = model(
-                    input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=cache
-                )
-                lp = torch.log_softmax(nxt.logits.float(), -1)  # [B*M, L-1, V]
+                steps = torch.arange(L - 1, device=device)
+                cont_pos = mask.sum(-1, keepdim=True).repeat_interleave(M, 0) + steps
+                if hasattr(cache, "batch_repeat_interleave"):
+                    cache.batch_repeat_interleave(M)
+                    kw = {"position_ids": cont_pos, "past_key_values": cache}
+                    nxt = model(input_ids=cont, attention_mask=full_mask, **kw).logits
+                else:
+                    # a cache that cannot be repeated: run prompt + opening in full (same numbers, slower)
+                    full = torch.cat([ids.repeat_interleave(M, 0), cont], 1)
+                    full_pos = torch.cat([pos.repeat_interleave(M, 0), cont_pos], 1)
+                    kw = {"position_ids": full_pos, "use_cache": False}
+                    nxt = model(input_ids=full, attention_mask=full_mask, **kw).logits[:, ids.shape[1] :]
+                lp = torch.log_softmax(nxt.float(), -1)  # [B*M, L-1, V]
                 t = t_m[:, 1:].repeat(B, 1).to(device)  # [B*M, L-1]
                 step = lp.gather(-1, t.clamp_min(0)[..., None])[..., 0].masked_fill(t < 0, 0.0)
                 logp[:, multi] += step.sum(-1).view(B, M).cpu()
