@@ -91,9 +91,15 @@ def prune_by_size(size_args: dict[str, str]) -> dict:
 
 @triton.jit
 def dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc += a @ b with fp32 accumulation; operands upcast to fp32 when UPCAST (the interpreter)."""
+    """acc += a @ b with fp32 accumulation; operands upcast to fp32 when UPCAST (the interpreter).
+
+    fp32 operands use full IEEE precision on a GPU, as torch's default matmul does; tl.dot's default
+    there is TF32, whose 10-bit mantissa would break the fp32 tolerances and differ from the reference.
+    """
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
