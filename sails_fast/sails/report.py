@@ -248,8 +248,11 @@ def _same_module(key: str, name: str) -> bool:
 
 def _figure(w: float = 7.0, h: float = 3.6):
     # the object API with an Agg canvas: no global pyplot state, no display needed
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("report: the plots need matplotlib; install it with `pip install matplotlib`") from err
 
     fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
