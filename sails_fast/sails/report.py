@@ -252,7 +252,7 @@ def _figure(w: float = 7.0, h: float = 3.6):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("report: the plots need matplotlib; install it with `pip install matplotlib`") from err
+        raise ImportError("report: the plots need matplotlib; `pip install matplotlib`") from err
 
     fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
