@@ -64,11 +64,12 @@ def tiny_config(model_dir, sae_dirs, prompts, **train) -> RunConfig:
 def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
     config = tiny_config(*tiny_assets)
     out = tmp_path / "run"
-    first = run_pipeline(config, out, until="eval")
-    assert first.steps_run == list(STEPS[: STEPS.index("eval") + 1])
+    first = run_pipeline(config, out)
+    assert first.steps_run == list(STEPS)
     for name in ("config.json", "data.json", "pairs.jsonl", "saes.json", "stats/layer_0.safetensors",
                  "stats/layer_1.safetensors", "init.json", "train/adapter/adapter_model.safetensors",
-                 "eval_before.json", "eval_after.json", "eval_table.txt", "run_state.json"):  # fmt: skip
+                 "eval_before.json", "eval_after.json", "eval_table.txt", "run_state.json",
+                 "stats/token_map.safetensors", "report/report.html"):  # fmt: skip
         assert (out / name).exists(), name
     # the subspace is orthonormal and the selection keeps top_k features per layer
     for basis in first.subspace.bases.values():
@@ -76,7 +77,8 @@ def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
         assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-5)
     assert all(len(sel.ids) == 8 for sel in first.selection.layers.values())
 
-    again = run_pipeline(config, out, until="eval")
+    assert "No response snippets" not in (out / "report" / "report.html").read_text()
+    again = run_pipeline(config, out)
     assert again.steps_run == [] and again.steps_reused[:3] == ["data", "pairs", "saes"]
 
 

@@ -459,10 +459,14 @@ def run_pipeline(
     stats_dir = out_dir / "stats"
 
     def make_stats():
+        from .report import build_token_map
+
         stats = collect_feature_stats(model, tokenizer, saes, pairs, config.sails.collect)
         stats_dir.mkdir(exist_ok=True)
         for layer, s in stats.items():
             s.save(stats_dir / f"layer_{layer}.safetensors", {"layer": layer})
+        # maps FeatureStats' argmax token indices back to (pair, position), for the report's snippets
+        build_token_map(tokenizer, pairs, config.sails.collect).save(stats_dir / "token_map.safetensors")
         return stats
 
     stats = step(
@@ -519,7 +523,9 @@ def run_pipeline(
 
     from .report import report
 
-    result.report_path = step("report", lambda: report(out_dir), lambda: out_dir / "report" / "report.html")
+    result.report_path = step(
+        "report", lambda: report(out_dir, tokenizer=tokenizer), lambda: out_dir / "report" / "report.html"
+    )
     return result
 
 
