@@ -74,9 +74,9 @@ class SAETrainingConfig:
     expansion_factor: int = 8
     k: int = 32
     sparsity_coefficient: float | None = None
-    training_tokens: int = 150_000
+    training_tokens: int = 250_000
     batch_size: int = 1024
-    lr: float = 1e-3
+    lr: float = 3e-3
     dead_feature_window: int = 40
     max_seq_len: int = 128
     collect_tokens: int | None = 60_000

@@ -310,3 +310,18 @@ def test_default_texts_from_installed_wheels(tok):
         no_template = tiny_tokenizer()
         no_template.chat_template = None
         default_sae_texts(no_template)
+
+
+# ----- the real model
+
+
+@pytest.mark.slow
+def test_embedded_sae_on_smollm2(tmp_path):
+    # a small budget: the plumbing on the real model, and a sanity floor on the quality
+    cfg = SAETrainingConfig(collect_tokens=6_000, training_tokens=30_720, batch_size=1024)
+    sae, metrics, path = embedded_sae(15, tmp_path, config=cfg)
+    print("\n", {k: metrics[k] for k in ("explained_variance", "l0", "dead_fraction", "collect_seconds")})
+    assert sae.W_enc.shape == (576, 4608) and sae.activation == "topk" and sae.k == 32
+    assert metrics["explained_variance"] > 0.3 and metrics["l0"] <= 32
+    again = embedded_sae(15, tmp_path, config=cfg)
+    assert again.path == path and torch.equal(again.weights.W_dec, sae.W_dec)
