@@ -34,6 +34,8 @@ from .sae import SAEWeights, load_sae
 Architecture = Literal["standard", "topk", "jumprelu"]
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 ARTIFACT_VERSION = 1
+# part of the cache key of SAEs trained on `default_sae_texts`: bump it when that recipe changes
+DEFAULT_TEXTS_VERSION = 1
 # default sparsity coefficient per architecture: l1 for standard, l0 for jumprelu (topk uses k)
 _DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 2.0, "topk": 0.0}
 
@@ -646,7 +648,7 @@ def default_sae_texts(tokenizer, *, max_response_chars: int = 600) -> list[str]:
         list[str]: rendered texts, de-duplicated, in a fixed order.
 
     Example:
-        >>> texts = default_sae_texts(tok)   # about 7,000 texts
+        >>> texts = default_sae_texts(tok)   # 2,391 texts with the installed wheels
     """
     from .data import (
         DEFAULT_REFUSAL_TEMPLATES,
@@ -686,7 +688,10 @@ def default_sae_texts(tokenizer, *, max_response_chars: int = 600) -> list[str]:
 
 def _read_pairs_csv(path: Path) -> list[tuple[str, str]]:
     with path.open(encoding="utf-8") as f:
-        lines = [ln for ln in f if not ln.startswith("#")]
+        lines = f.readlines()
+    # only the leading "# dataset_version=..." lines are comments; a '#' inside a quoted answer is text
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
     rows = csv.DictReader(lines)
     pairs = []
     for row in rows:
@@ -755,7 +760,10 @@ def embedded_sae(
         name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
         model_key = f"{Path(name).name or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
         dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
-    text_key = "default" if texts is None else texts_fingerprint(_check_texts(texts))
+    if texts is None:
+        text_key = f"default-v{DEFAULT_TEXTS_VERSION}"
+    else:
+        text_key = texts_fingerprint(_check_texts(texts))
     key_src = json.dumps({"config": config.to_dict(), "texts": text_key, "dtype": dtype_name}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     final = root / "saes" / model_key / f"layer{layer}-{config.architecture}-{key}"
