@@ -76,12 +76,12 @@ class SAETrainingConfig:
     expansion_factor: int = 8
     k: int = 32
     sparsity_coefficient: float | None = None
-    training_tokens: int = 250_000
+    training_tokens: int = 400_000
     batch_size: int = 1024
     lr: float = 3e-3
     dead_feature_window: int = 40
     max_seq_len: int = 128
-    collect_tokens: int | None = 60_000
+    collect_tokens: int | None = 120_000
     collect_batch_size: int = 16
     eval_fraction: float = 0.1
     autocast: bool = True
