@@ -24,7 +24,7 @@ def activations_fp32(x: torch.Tensor, sae) -> torch.Tensor:
         sae_in = sae_in - sae.b_dec
     pre = sae_in.float() @ sae.W_enc.float() + sae.b_enc.float()
     if sae.activation == "relu":
-        return torch.where(pre > 0, pre, 0.0)
+        return pre.clamp_(min=0.0)
     if sae.activation == "jumprelu":
         return torch.where((pre > 0) & (pre > sae.threshold.float()), pre, 0.0)
     # topk: the k-th largest pre-activation of the row is the cut; ties at the cut all stay active
@@ -70,13 +70,17 @@ def sae_feature_stats_ref(
             idx = rows[start : start + chunk]
             a = activations_fp32(x[idx], sae)  # [n, F]
             wc = w[idx]
-            batch.act_sum[c] += wc @ a
-            batch.act_sq_sum[c] += wc @ (a * a)
-            batch.active_count[c] += (a > 0).sum(0)
-            top, where = a.max(0)
+            top = a.amax(0)
             take = top > batch.act_max[c]
-            batch.act_argmax[c] = torch.where(take, idx[where], batch.act_argmax[c])
-            batch.act_max[c] = torch.where(take, top, batch.act_max[c])
+            # first token reaching the max, looked up only in the latents whose max this chunk raises
+            cols = torch.nonzero(take).flatten()
+            first = (a[:, cols] == top[cols]).int().argmax(0)
+            batch.act_argmax[c, cols] = idx[first]
+            batch.act_max[c] = torch.maximum(batch.act_max[c], top)
+            batch.act_sum[c] += wc @ a
+            # in place from here on, to keep one [n, F] buffer: a -> a^2 -> sign(a^2) (a >= 0)
+            batch.act_sq_sum[c] += wc @ a.mul_(a)
+            batch.active_count[c] += (torch.ones_like(wc) @ a.sign_()).round().long()
             del a
     batch.tokens_seen = T
     if out is None:
