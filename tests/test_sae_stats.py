@@ -163,7 +163,8 @@ def test_triton_token_splits_and_ties(arch, deterministic):
     x[150] = x[70] = x[5]
     labels[150] = labels[70] = labels[5] = 1
     stats = FeatureStats.empty(2, Fn)
-    sae_stats_accumulate(x, sae, labels, w, stats, deterministic=deterministic, rows_per_split=64)
+    # 128 rows per split, 64 per tile: rows 5 and 70 tie across tiles of one split, 150 in the next split
+    sae_stats_accumulate(x, sae, labels, w, stats, deterministic=deterministic, rows_per_split=128)
     ref = sae_lens_oracle(sae_lens, x, labels, w, 2)
     assert (ref["act_argmax"][1] == 5).any()
     check_stats(stats, ref)
