@@ -20,13 +20,28 @@ DEMO_LAYER = 15
 
 
 def demo_config(quick: bool = False) -> RunConfig:
-    """The demo's RunConfig. `quick` shrinks prompts, steps and lengths for a smoke run (~3-5 min)."""
-    n_train, n_eval, steps = (16, 8, 8) if quick else (64, 40, 40)
+    """The demo's RunConfig, sized for about 15 minutes on 2 CPU cores.
+
+    `quick` shrinks prompts, steps and lengths for a smoke run (a few minutes once the SAE is cached).
+    The SAE budget (60k collected tokens, 250k training tokens) gave held-out explained variance 0.845 at
+    layer 15 when it was tuned; the demo prints the value it gets.
+    """
+    n_train, n_retain, n_eval, steps = (16, 8, 8, 6) if quick else (64, 48, 32, 30)
     return RunConfig.from_dict(
         {
             "model": {"path": "embedded", "quantize": "nf4", "compute_dtype": "float32"},
-            "sae": {"layers": [DEMO_LAYER], "source": "embedded"},
-            "data": {"harmful": "advbench", "train_prompts": n_train, "eval_prompts": n_eval, "seed": 0},
+            "sae": {
+                "layers": [DEMO_LAYER],
+                "source": "embedded",
+                "training": {"collect_tokens": 60000, "training_tokens": 250000},
+            },
+            "data": {
+                "harmful": "advbench",
+                "train_prompts": n_train,
+                "retain_prompts": n_retain,
+                "eval_prompts": n_eval,
+                "seed": 0,
+            },
             "sails": {
                 "collect": {"batch_size": 16, "max_length": 160, "max_new_tokens": 48},
                 "select": {"top_k": 64},
@@ -34,13 +49,13 @@ def demo_config(quick: bool = False) -> RunConfig:
                 "train": {
                     "max_steps": steps,
                     "batch_size": 8,
-                    "learning_rate": 1e-3,
+                    "learning_rate": 5e-4,
                     "max_length": 160,
                     "save_every": 10,
                     "seed": 0,
                 },
             },
-            "eval": {"max_new_tokens": 40, "batch_size": 20},
+            "eval": {"max_new_tokens": 40, "batch_size": 16},
         }
     )
 
@@ -50,8 +65,20 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, force: bool = False, quick: bool = False) -> RunResult:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    *,
+    force: bool = False,
+    quick: bool = False,
+    config: RunConfig | None = None,
+) -> RunResult:
     """Run the demo and print the before/after table, the report path, wall time and peak memory.
+
+    Args:
+        out_dir: the run directory.
+        force: recompute steps computed with another configuration.
+        quick: the smoke-run config (fewer prompts and steps).
+        config: another RunConfig to run through the same code path (tests use a tiny model).
 
     Example:
         >>> run_demo("runs/demo")   # or: sails-fast demo
@@ -61,7 +88,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, force: bool = False, quick: b
         os.environ.setdefault(var, "1")
     start = time.perf_counter()
     print(f"sails-fast demo: SmolLM2-135M-Instruct, SAE at layer {DEMO_LAYER}, AdvBench, QLoRA (NF4), CPU")
-    result = run_pipeline(demo_config(quick), out_dir, force=force)
+    result = run_pipeline(config or demo_config(quick), out_dir, force=force)
     from .cli import _print_summary
 
     _print_summary(result)

@@ -49,7 +49,7 @@ def tiny_config(model_dir, sae_dirs, prompts, **train) -> RunConfig:
                 "source": "specs",
                 "specs": {str(k): str(v) for k, v in sae_dirs.items()},
             },
-            "data": {"harmful": str(prompts), "train_prompts": 12, "eval_prompts": 4},
+            "data": {"harmful": str(prompts), "train_prompts": 12, "eval_prompts": 4, "retain_prompts": 3},
             "sails": {
                 "collect": {"batch_size": 4, "max_length": 48, "max_new_tokens": 6, "progress": False},
                 "select": {"top_k": 8},
@@ -78,6 +78,13 @@ def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
     assert all(len(sel.ids) == 8 for sel in first.selection.layers.values())
 
     assert "No response snippets" not in (out / "report" / "report.html").read_text()
+    # retain examples: the base model's answers to harmless train-split prompts, none of them evaluated on
+    retain = [json.loads(line) for line in (out / "retain.jsonl").read_text().splitlines()]
+    assert 0 < len(retain) <= 3
+    evaluated = {
+        r["prompt"] for r in json.loads((out / "eval_after.json").read_text())["sets"]["harmless"]["records"]
+    }
+    assert evaluated and not evaluated & {r["prompt"] for r in retain}
     again = run_pipeline(config, out)
     assert again.steps_run == [] and again.steps_reused[:3] == ["data", "pairs", "saes"]
 

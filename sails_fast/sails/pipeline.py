@@ -113,6 +113,9 @@ class DataConfig(_ConfigBase):
         eval_prompts: most prompts per evaluation set (test splits).
         seed: split seed; the same seed gives the same splits whatever the input order.
         refusal_templates: aligned responses (None: the library's defaults).
+        retain_prompts: harmless prompts (from the harmless set's train split, never evaluated on) whose
+            own answers by the base model are mixed into training, so the model learns to refuse harmful
+            requests rather than everything; 0 trains on refusals alone.
     """
 
     harmful: str = "advbench"
@@ -123,8 +126,15 @@ class DataConfig(_ConfigBase):
     eval_prompts: int = 40
     seed: int = 0
     refusal_templates: tuple[str, ...] | None = None
+    retain_prompts: int = 32
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.retain_prompts, bool)
+            or not isinstance(self.retain_prompts, int)
+            or self.retain_prompts < 0
+        ):
+            raise ValueError(f"DataConfig.retain_prompts: expected an int >= 0, got {self.retain_prompts!r}")
         for name in ("train_prompts", "eval_prompts"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -324,16 +334,53 @@ def prepare_data(config: DataConfig) -> dict[str, list]:
     harmful = split_records(_load_set(config.harmful), seed=config.seed)
     harmless = split_records(_load_set(config.harmless), seed=config.seed)
     safe_scary = split_records(_load_set(config.safe_scary), seed=config.seed)
-    # the over-refusal sets are never trained on or used for selection, so evaluation may take more than
-    # their 10 % test split: the test split first, then validation, then train, up to eval_prompts
-    everything = lambda s: [*s.test, *s.validation, *s.train]
+    # the harmless set's train split feeds the retain examples; its test and validation splits are for
+    # evaluation only. The safe-but-scary set is never trained on, so evaluation may use all of it.
     return {
         "train": _take(harmful.train, config.train_prompts),
         "validation": list(harmful.validation),
         "test": _take(harmful.test, config.eval_prompts),
-        "harmless_test": _take(everything(harmless), config.eval_prompts),
-        "safe_scary_test": _take(everything(safe_scary), config.eval_prompts),
+        "retain": _take(harmless.train, config.retain_prompts),
+        "harmless_test": _take([*harmless.test, *harmless.validation], config.eval_prompts),
+        "safe_scary_test": _take(
+            [*safe_scary.test, *safe_scary.validation, *safe_scary.train], config.eval_prompts
+        ),
     }
+
+
+RETAIN_FILE = "retain.jsonl"
+
+
+def write_retain(model, tokenizer, prompts: list, collect_config, out_dir: Path) -> None:
+    """The base model's own greedy answers to harmless prompts: training targets that keep it helpful."""
+    from .collect import generate_unaligned
+
+    texts = [getattr(r, "text", str(r)) for r in prompts]
+    answers = (
+        generate_unaligned(model, tokenizer, texts, collect_config, out_dir / "retain_cache.jsonl")
+        if texts
+        else []
+    )
+    rows = [{"prompt": p, "response": a} for p, a in zip(texts, answers, strict=True) if a.strip()]
+    tmp = out_dir / (RETAIN_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out_dir / RETAIN_FILE)
+
+
+def read_retain(out_dir: Path) -> list[tuple[str, str]]:
+    path = out_dir / RETAIN_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows.append((row["prompt"], row["response"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path}:{i}: not a retain example ({err}); delete the file to regenerate it"
+            ) from err
+    return rows
 
 
 def load_saes(
@@ -441,9 +488,11 @@ def run_pipeline(
         pairs = complete_pairs(model, tokenizer, pairs, config.sails.collect, cache)
         pairs = [p for p in pairs if p.unaligned is not None]
         write_pairs(pairs, out_dir / "pairs.jsonl")
+        write_retain(model, tokenizer, data["retain"], config.sails.collect, out_dir)
         return pairs
 
     pairs = step("pairs", make_pairs, lambda: read_pairs(out_dir / "pairs.jsonl"))
+    retain = read_retain(out_dir)
     if "saes" not in wanted:
         return result
 
@@ -507,7 +556,7 @@ def run_pipeline(
 
     result.train = step(
         "train",
-        lambda: train(peft_model, tokenizer, pairs, config.sails.train, out_dir / "train"),
+        lambda: train(peft_model, tokenizer, [*pairs, *retain], config.sails.train, out_dir / "train"),
         lambda: _load_trained_adapter(peft_model, out_dir / "train" / "adapter"),
     )
     if "eval" not in wanted:
