@@ -71,8 +71,8 @@ def main() -> None:
         table = render(name)
         if table is None:
             continue
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
-        text, count = pattern.subn(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        text, count = pattern.subn(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
         print(f"table {name}: {'updated' if count else 'no markers in README'}")
     readme.write_text(text)
 
