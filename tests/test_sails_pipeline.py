@@ -88,6 +88,12 @@ def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
     again = run_pipeline(config, out)
     assert again.steps_run == [] and again.steps_reused[:3] == ["data", "pairs", "saes"]
 
+    # `sails-fast eval` / `report` on the run directory: evaluation reused, the report rewritten
+    (out / "report" / "report.html").unlink()
+    assert cli_main(["eval", str(out)]) == 0
+    assert cli_main(["report", str(out)]) == 0
+    assert (out / "report" / "report.html").exists()
+
 
 def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path):
     out = tmp_path / "run"
