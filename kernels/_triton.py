@@ -103,6 +103,46 @@ def dot(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def to_bf16_rne(v):
+    """Round fp32 to the nearest bf16 (ties to even), returned as fp32; casting it to bf16 is then exact.
+
+    The interpreter's fp32 -> bf16 cast truncates, where a GPU rounds to nearest: kernels round by hand
+    when interpreting so both give the same bits.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr, manual_bf16: tl.constexpr):
+    """Cast fp32 `v` to `dtype` with round-to-nearest-even (by hand for bf16 when `manual_bf16`)."""
+    if dtype == tl.bfloat16 and manual_bf16:
+        v = to_bf16_rne(v)
+    return v.to(dtype)
+
+
+@triton.jit
+def low_rank_tile(
+    left_ptr, right_ptr, o_rows, o_cols, o_r, m_rows, m_cols, m_r,
+    stride_left_row, stride_left_r, stride_right_r, stride_right_col,
+    COMPUTE_DTYPE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):  # fmt: skip
+    """The rank-r term of a LoRA epilogue: left[rows, :r] @ right[:r, cols], fp32 accumulation.
+
+    Both operands are rounded to the activation dtype first, as PEFT's adapter runs in it; r is padded
+    to the rank block (>= 16 for tl.dot on a GPU) by the masks.
+    """
+    b_left = tl.load(left_ptr + o_rows[:, None] * stride_left_row + o_r[None, :] * stride_left_r,
+                     mask=m_rows[:, None] & m_r[None, :], other=0.0)  # [BLOCK_ROWS, BLOCK_R]
+    b_right = tl.load(right_ptr + o_r[:, None] * stride_right_r + o_cols[None, :] * stride_right_col,
+                      mask=m_r[:, None] & m_cols[None, :], other=0.0)  # [BLOCK_R, BLOCK_COLS]
+    b_left = round_to(b_left.to(tl.float32), COMPUTE_DTYPE, UPCAST)
+    b_right = round_to(b_right.to(tl.float32), COMPUTE_DTYPE, UPCAST)
+    return dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)
+
+
 def check_gpu_dot_width(name: str, size: int) -> None:
     """tl.dot needs an inner dimension of at least 16 on a GPU (the interpreter accepts less)."""
     if size < 16:

@@ -21,7 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, autotune, check_gpu_dot_width, dot, empty, next_power_of_2, prune_by_size
+from ._triton import (
+    INTERPRET,
+    autotune,
+    check_gpu_dot_width,
+    dot,
+    empty,
+    low_rank_tile,
+    next_power_of_2,
+    prune_by_size,
+    round_to,
+)
 
 # the Philox offset of element (m, k) is m * K + k in int32: tensors past this need a wider scheme
 MAX_DROPOUT_ELEMENTS = 2**31 - 1
@@ -167,25 +177,15 @@ def _lora_fwd_kernel(
         acc = dot(b_x, b_wt, acc, UPCAST)
 
     # epilogue: the adapter output is rounded to the activation dtype, as PEFT's lora_A output is
-    b_xa = tl.load(
-        xa_ptr + o_m[:, None] * stride_xam + o_r[None, :] * stride_xar,
-        mask=m_m[:, None] & m_r[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_R]
-    b_bt = tl.load(
-        b_ptr + o_r[:, None] * stride_br + o_n[None, :] * stride_bn,
-        mask=m_r[:, None] & m_n[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_N]
-    b_lora = dot(
-        b_xa.to(compute_dtype), b_bt.to(compute_dtype), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST
-    )
+    b_lora = low_rank_tile(xa_ptr, b_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
+                           stride_xam, stride_xar, stride_br, stride_bn,
+                           compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
     acc += scaling * b_lora
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         acc += b_bias[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
+             round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 @autotune(
@@ -234,26 +234,16 @@ def _lora_bwd_dx_kernel(
         )  # [BLOCK_N, BLOCK_K]
         acc = dot(b_dy, b_w, acc, UPCAST)
 
-    b_g = tl.load(
-        g_ptr + o_m[:, None] * stride_gm + o_r[None, :] * stride_gr,
-        mask=m_m[:, None] & m_r[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_R]
-    b_a = tl.load(
-        a_ptr + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak,
-        mask=m_r[:, None] & m_k[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_K]
-    b_lora = dot(
-        b_g.to(compute_dtype), b_a.to(compute_dtype), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST
-    )
+    b_lora = low_rank_tile(g_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
+                           stride_gm, stride_gr, stride_ar, stride_ak,
+                           compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     if HAS_DROPOUT:
         # the same keep-mask the forward drew, regenerated from the seed
         b_keep = _keep_mask(seed, o_m, o_k, K, dropout_p)
         b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
     acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
+             round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
 
 
 @autotune(configs=_WGRAD_CONFIGS, key=["M", "P", "Q"], interpret_config=_INTERPRET_WGRAD_CONFIG)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, autotune, dot, empty, prune_by_size
+from ._triton import INTERPRET, autotune, dot, empty, low_rank_tile, prune_by_size, round_to
 from .lora import _FWD_CONFIGS, _INTERPRET_MATMUL_CONFIG, _grouped_tile, _keep_mask, _rank_block
 from .nf4_ref import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 
@@ -40,22 +40,6 @@ _INTERPRET_DEQUANT_CONFIG = triton.Config({"BLOCK": 4096})
 _ABSMAX_BLOCK = 1024
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _to_bf16_exact(v):
-    """Round fp32 to the nearest bf16 (ties to even), returned as fp32; casting it to bf16 is then exact."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr, manual_bf16: tl.constexpr):
-    """Cast fp32 `v` to `dtype` with round-to-nearest-even (by hand for bf16 when `manual_bf16`)."""
-    if dtype == tl.bfloat16 and manual_bf16:
-        v = _to_bf16_exact(v)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -95,8 +79,8 @@ def _nf4_dequant_kernel(
     b_w = tl.load(code_ptr + b_code) * b_absmax  # [BLOCK] fp32
     out_dtype: tl.constexpr = out_ptr.dtype.element_ty
     if out_dtype != ROUND_DTYPE:
-        b_w = _round_to(b_w, ROUND_DTYPE, MANUAL_BF16).to(tl.float32)
-    tl.store(out_ptr + o, _round_to(b_w, out_dtype, MANUAL_BF16), mask=m)
+        b_w = round_to(b_w, ROUND_DTYPE, MANUAL_BF16).to(tl.float32)
+    tl.store(out_ptr + o, round_to(b_w, out_dtype, MANUAL_BF16), mask=m)
 
 
 @triton.jit
@@ -155,30 +139,20 @@ def _qlora_fwd_kernel(
         o_flat = o_n[None, :] * K + o_k[:, None]  # [BLOCK_K, BLOCK_N], W is [N, K] row-major
         m_w = m_k[:, None] & m_n[None, :]
         b_wt = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, o_flat, m_w, BLOCKSIZE)  # [BLOCK_K, BLOCK_N]
-        b_wt = _round_to(b_wt, W_DTYPE, UPCAST)
-        b_wt = _round_to(b_wt.to(tl.float32), compute_dtype, UPCAST)
+        b_wt = round_to(b_wt, W_DTYPE, UPCAST)
+        b_wt = round_to(b_wt.to(tl.float32), compute_dtype, UPCAST)
         acc = dot(b_x, b_wt, acc, UPCAST)
 
     # epilogue: as the dense LoRA kernel, the adapter product runs in the activation dtype
-    b_xa = tl.load(
-        xa_ptr + o_m[:, None] * stride_xam + o_r[None, :] * stride_xar,
-        mask=m_m[:, None] & m_r[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_R]
-    b_bt = tl.load(
-        b_ptr + o_r[:, None] * stride_br + o_n[None, :] * stride_bn,
-        mask=m_r[:, None] & m_n[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_N]
-    b_xa = _round_to(b_xa.to(tl.float32), compute_dtype, UPCAST)
-    b_bt = _round_to(b_bt.to(tl.float32), compute_dtype, UPCAST)
-    b_lora = dot(b_xa, b_bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST)
+    b_lora = low_rank_tile(xa_ptr, b_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
+                           stride_xam, stride_xar, stride_br, stride_bn,
+                           compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
     acc += scaling * b_lora
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         acc += b_bias[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
-             _round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
+             round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 @autotune(
@@ -219,30 +193,20 @@ def _qlora_bwd_dx_kernel(
         o_flat = o_n[:, None] * K + o_k[None, :]  # [BLOCK_N, BLOCK_K]
         m_w = m_n[:, None] & m_k[None, :]
         b_w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, o_flat, m_w, BLOCKSIZE)  # [BLOCK_N, BLOCK_K]
-        b_w = _round_to(b_w, W_DTYPE, UPCAST)
-        b_w = _round_to(b_w.to(tl.float32), compute_dtype, UPCAST)
+        b_w = round_to(b_w, W_DTYPE, UPCAST)
+        b_w = round_to(b_w.to(tl.float32), compute_dtype, UPCAST)
         acc = dot(b_dy, b_w, acc, UPCAST)
 
-    b_g = tl.load(
-        g_ptr + o_m[:, None] * stride_gm + o_r[None, :] * stride_gr,
-        mask=m_m[:, None] & m_r[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_R]
-    b_a = tl.load(
-        a_ptr + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak,
-        mask=m_r[:, None] & m_k[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_K]
-    b_g = _round_to(b_g.to(tl.float32), compute_dtype, UPCAST)
-    b_a = _round_to(b_a.to(tl.float32), compute_dtype, UPCAST)
-    b_lora = dot(b_g, b_a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST)
+    b_lora = low_rank_tile(g_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
+                           stride_gm, stride_gr, stride_ar, stride_ak,
+                           compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     if HAS_DROPOUT:
         # the keep-mask the forward drew, regenerated from the seed
         b_keep = _keep_mask(seed, o_m, o_k, K, dropout_p)
         b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
     acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
-             _round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
+             round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
 
 
 def _tl_dtype(dtype: torch.dtype, name: str):
