@@ -77,30 +77,43 @@ def provider_fn(name: str, case: dict) -> Callable[[torch.Tensor, torch.Tensor, 
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
 
 
-def forward_and_grads(fn, case: dict, provider: str):
-    """y and the gradients of (x, A, B) — for PEFT, of its own parameter objects."""
-    x = case["x"].detach().clone().requires_grad_()
-    a = case["lora_A"].detach().clone().requires_grad_()
-    b = case["lora_B"].detach().clone().requires_grad_()
-    y = fn(x, a, b)
+def adapter_leaves(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh leaf copies of (x, A, B) that require grad."""
+    return tuple(case[k].detach().clone().requires_grad_() for k in ("x", "lora_A", "lora_B"))
+
+
+def grad_inputs(fn, provider: str, x, a, b) -> tuple:
+    """What gradients are taken for: x, and the adapter; PEFT providers attach their own parameter
+    objects as `fn.params`; the bare base linear has no adapter."""
     if provider == "base":
-        return y, torch.autograd.grad(y, (x,), case["dy"])
-    targets = fn.params if provider == "peft" else (a, b)
-    return y, torch.autograd.grad(y, (x, *targets), case["dy"])
+        return (x,)
+    return (x, *getattr(fn, "params", (a, b)))
 
 
-def check_provider(provider: str, case: dict, dtype: torch.dtype) -> float:
-    """Max abs error over y, dx, dA, dB against the fp32 reference; raises past the tolerance rule."""
-    fn = provider_fn(provider, case)
-    y, grads = forward_and_grads(fn, case, provider)
-    ref_name = "base" if provider == "base" else "torch"
-    case32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    y32, g32 = forward_and_grads(provider_fn(ref_name, case32), case32, ref_name)
-    ylo, glo = forward_and_grads(provider_fn(ref_name, case), case, ref_name)
+def forward_and_grads(fn, case: dict, provider: str):
+    """y and the gradients of `grad_inputs`."""
+    x, a, b = adapter_leaves(case)
+    y = fn(x, a, b)
+    return y, torch.autograd.grad(y, grad_inputs(fn, provider, x, a, b), case["dy"])
+
+
+def compare_to_reference(provider: str, ours, ref32, ref_lo, dtype: torch.dtype) -> float:
+    """Max abs error of (y, grads) against the fp32 reference; raises past the tolerance rule."""
+    (y, grads), (y32, g32), (ylo, glo) = ours, ref32, ref_lo
     worst = check_close(f"{provider}/y", y, y32, ylo, dtype)
     for i, (o, r32, rlo) in enumerate(zip(grads, g32, glo, strict=True)):
         worst = max(worst, check_close(f"{provider}/grad{i}", o, r32, rlo, dtype))
     return worst
+
+
+def check_provider(provider: str, case: dict, dtype: torch.dtype) -> float:
+    """Max abs error over y, dx, dA, dB against the fp32 reference; raises past the tolerance rule."""
+    ours = forward_and_grads(provider_fn(provider, case), case, provider)
+    ref_name = "base" if provider == "base" else "torch"
+    case32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    ref32 = forward_and_grads(provider_fn(ref_name, case32), case32, ref_name)
+    ref_lo = forward_and_grads(provider_fn(ref_name, case), case, ref_name)
+    return compare_to_reference(provider, ours, ref32, ref_lo, dtype)
 
 
 def flops(m: int, k: int, n: int, r: int, mode: str) -> float:
@@ -110,13 +123,12 @@ def flops(m: int, k: int, n: int, r: int, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def time_provider(provider: str, case: dict, device: str, reps: int) -> dict[str, tuple]:
+def time_provider(
+    fn, provider: str, case: dict, device: str, reps: int, *, forward_with_autograd: bool = False
+) -> dict[str, tuple]:
     """mode -> (Timing, peak MB) for one provider, all modes on the same inputs."""
-    fn = provider_fn(provider, case)
-    x = case["x"].detach().clone().requires_grad_()
-    a = case["lora_A"].detach().clone().requires_grad_()
-    b = case["lora_B"].detach().clone().requires_grad_()
-    inputs = (x,) if provider == "base" else (x, *(fn.params if provider == "peft" else (a, b)))
+    x, a, b = adapter_leaves(case)
+    inputs = grad_inputs(fn, provider, x, a, b)
     y = fn(x, a, b)
     runs = {
         "fwd": lambda: fn(x, a, b),
@@ -125,7 +137,8 @@ def time_provider(provider: str, case: dict, device: str, reps: int) -> dict[str
     }
     results = {}
     for mode, run in runs.items():
-        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        no_grad = mode == "fwd" and not forward_with_autograd
+        with torch.no_grad() if no_grad else torch.enable_grad():
             results[mode] = (time_fn(run, device, reps=reps), peak_memory_mb(run, device))
     return results
 
@@ -139,7 +152,9 @@ def bench_case(model: str, proj: str, m: int, r: int, dtype: torch.dtype, device
         if provider == "sails_fast" and torch.device(device).type != "cuda":
             continue
         err = check_provider(provider, case, dtype)
-        for mode, (t, peak) in time_provider(provider, case, device, reps).items():
+        for mode, (t, peak) in time_provider(
+            provider_fn(provider, case), provider, case, device, reps
+        ).items():
             rank = 0 if provider == "base" else r
             rows.append(
                 Row(
@@ -219,9 +234,8 @@ try:
         case = make_case(m, k, n, GOAL_RANK, dtype, device)
         check_provider(provider, case, dtype)
         fn = provider_fn(provider, case)
-        x = case["x"].detach().clone().requires_grad_()
-        a, b = (case[n_].detach().clone().requires_grad_() for n_ in ("lora_A", "lora_B"))
-        inputs = (x,) if provider == "base" else (x, *(fn.params if provider == "peft" else (a, b)))
+        x, a, b = adapter_leaves(case)
+        inputs = grad_inputs(fn, provider, x, a, b)
 
         def step():
             torch.autograd.grad(fn(x, a, b), inputs, case["dy"])

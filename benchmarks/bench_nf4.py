@@ -37,13 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     Row,
     append_rows,
-    check_close,
     environment,
-    peak_memory_mb,
     print_rows,
     set_cpu_threads,
     time_fn,
 )
+
+# the frozen-base LoRA benchmark's correctness gate, FLOP count and timing loop, shared
+from bench_lora import (
+    adapter_leaves,
+    compare_to_reference,
+    flops,
+    forward_and_grads,
+    grad_inputs,
+    time_provider,
+)  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, MODELS  # noqa: E402
 
 from sails_fast import NF4Weight, dequantize_nf4, lora_linear, qlora_linear, quantize_nf4  # noqa: E402
@@ -186,51 +194,13 @@ def provider_fn(name: str, case: dict) -> Callable[[torch.Tensor, torch.Tensor, 
     raise ValueError(f"provider: expected one of {QLORA_PROVIDERS}, got {name!r}")
 
 
-def forward_and_grads(fn, case: dict, provider: str):
-    x = case["x"].detach().clone().requires_grad_()
-    a = case["lora_A"].detach().clone().requires_grad_()
-    b = case["lora_B"].detach().clone().requires_grad_()
-    y = fn(x, a, b)
-    targets = fn.params if provider == "peft_bnb" else (a, b)
-    return y, torch.autograd.grad(y, (x, *targets), case["dy"])
-
-
 def check_provider(provider: str, case: dict, dtype: torch.dtype) -> float:
     """Max abs error over y, dx, dA, dB against the fp32 reference; raises past the tolerance rule."""
-    y, grads = forward_and_grads(provider_fn(provider, case), case, provider)
+    ours = forward_and_grads(provider_fn(provider, case), case, provider)
     case32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    y32, g32 = forward_and_grads(provider_fn("torch", case32), case32, "torch")
-    ylo, glo = forward_and_grads(provider_fn("torch", case), case, "torch")
-    worst = check_close(f"{provider}/y", y, y32, ylo, dtype)
-    for i, (o, r32, rlo) in enumerate(zip(grads, g32, glo, strict=True)):
-        worst = max(worst, check_close(f"{provider}/grad{i}", o, r32, rlo, dtype))
-    return worst
-
-
-def flops(m: int, k: int, n: int, r: int, mode: str) -> float:
-    """Matmul FLOPs (dequantisation not counted): the same work as a dense frozen-base LoRA."""
-    fwd = 2 * m * k * n + 2 * m * k * r + 2 * m * r * n
-    bwd = 2 * m * n * k + 4 * m * n * r + 4 * m * r * k
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def time_provider(provider: str, case: dict, device: str, reps: int) -> dict[str, tuple]:
-    fn = provider_fn(provider, case)
-    x = case["x"].detach().clone().requires_grad_()
-    a = case["lora_A"].detach().clone().requires_grad_()
-    b = case["lora_B"].detach().clone().requires_grad_()
-    inputs = (x, *(fn.params if provider == "peft_bnb" else (a, b)))
-    y = fn(x, a, b)
-    runs = {
-        "fwd": lambda: fn(x, a, b),
-        "bwd": lambda: torch.autograd.grad(y, inputs, case["dy"], retain_graph=True),
-        "fwd+bwd": lambda: torch.autograd.grad(fn(x, a, b), inputs, case["dy"]),
-    }
-    results = {}
-    for mode, run in runs.items():
-        # "fwd" keeps autograd on (as in training): bitsandbytes takes another path without it on CPU
-        results[mode] = (time_fn(run, device, reps=reps), peak_memory_mb(run, device))
-    return results
+    ref32 = forward_and_grads(provider_fn("torch", case32), case32, "torch")
+    ref_lo = forward_and_grads(provider_fn("torch", case), case, "torch")
+    return compare_to_reference(provider, ours, ref32, ref_lo, dtype)
 
 
 def bench_qlora(model, proj, m, r, dtype, device, providers, reps) -> list[Row]:
@@ -242,7 +212,11 @@ def bench_qlora(model, proj, m, r, dtype, device, providers, reps) -> list[Row]:
         if (provider in CUDA_ONLY and not cuda) or (provider == "peft_bnb" and case["bnb_base"] is None):
             continue
         err = check_provider(provider, case, dtype)
-        for mode, (t, peak) in time_provider(provider, case, device, reps).items():
+        # the forward is timed with autograd on (as in training): bitsandbytes takes another path without it
+        timings = time_provider(
+            provider_fn(provider, case), provider, case, device, reps, forward_with_autograd=True
+        )
+        for mode, (t, peak) in timings.items():
             rows.append(
                 Row(
                     op="qlora_linear",
@@ -351,9 +325,8 @@ try:
         case = make_case(m, k, n, GOAL_RANK, dtype, device)
         check_provider(provider, case, dtype)
         fn = provider_fn(provider, case)
-        x = case["x"].detach().clone().requires_grad_()
-        a, b = (case[n_].detach().clone().requires_grad_() for n_ in ("lora_A", "lora_B"))
-        inputs = (x, *(fn.params if provider == "peft_bnb" else (a, b)))
+        x, a, b = adapter_leaves(case)
+        inputs = grad_inputs(fn, provider, x, a, b)
 
         def step():
             torch.autograd.grad(fn(x, a, b), inputs, case["dy"])
