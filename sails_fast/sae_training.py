@@ -21,13 +21,14 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from ._config import ConfigBase
 from .embedded import build_once, is_complete, read_build_info, resolve_cache_dir
 from .sae import SAEWeights, load_sae
 
@@ -41,7 +42,7 @@ _DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 2.0, "topk": 0.0}
 
 
 @dataclass(frozen=True)
-class SAETrainingConfig:
+class SAETrainingConfig(ConfigBase):
     """How to train an SAE on one layer (the layer itself is an argument of `train_sae`).
 
     Args:
@@ -126,19 +127,6 @@ class SAETrainingConfig:
     def num_latents(self, d_model: int) -> int:
         """Latents of the SAE for a hidden size `d_model`."""
         return self.expansion_factor * d_model
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAETrainingConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"config: expected a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
     def hash(self) -> str:
         """12 hex digits identifying every field (the cache key part of this config)."""

@@ -18,12 +18,14 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from .._config import ConfigBase
 
 POOLINGS = ("response_mean", "token")
 HOOK_POINTS = ("residual",)
@@ -32,7 +34,7 @@ CACHE_FORMAT = "sails_fast.unaligned_cache/1"
 
 
 @dataclass
-class CollectConfig:
+class CollectConfig(ConfigBase):
     """How feature statistics are collected (and how the unaligned side is generated).
 
     Args:
@@ -86,20 +88,6 @@ class CollectConfig:
         for name in ("chat_template", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CollectConfig:
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"CollectConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
 
 # ----- tokenisation shared with training

@@ -35,13 +35,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._config import ConfigBase
 from .refusal import RefusalMatcher
 
 RESULT_FORMAT = "sails_fast.EvalResult"
@@ -88,7 +89,7 @@ def _check_strings(name: str, value: Any, allow_empty: bool = False) -> None:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ConfigBase):
     """How `evaluate` generates and scores.
 
     Args:
@@ -135,21 +136,6 @@ class EvalConfig:
         _check_strings("compliance_openings", self.compliance_openings)
         self.refusal_openings = tuple(self.refusal_openings)
         self.compliance_openings = tuple(self.compliance_openings)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EvalConfig:
-        """Inverse of `to_dict`; unknown keys raise ValueError naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"EvalConfig: expected a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"EvalConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # ----- results

@@ -34,7 +34,8 @@ from typing import Any, Literal
 
 import torch
 
-from .config import SailsConfig, _ConfigBase
+from .._config import ConfigBase as _ConfigBase
+from .config import SailsConfig
 from .evaluate import EvalConfig
 
 log = logging.getLogger(__name__)

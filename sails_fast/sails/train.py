@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._config import ConfigBase
 from .collect import tokenize_example
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _RESUME_FREE = ("progress", "keep_checkpoints", "log_every", "save_every", "resu
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """The SFT run (all steps are optimizer steps; one step = batch_size x grad_accum_steps examples).
 
     Args:
@@ -140,20 +141,6 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {self.backend!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of `to_dict`; unknown keys raise ValueError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
 
     def total_steps(self, num_examples: int) -> int:
         """Optimizer steps of the run over `num_examples` examples."""
