@@ -53,3 +53,18 @@ def test_stats_match_the_reference_backend(model, activation):
         finite = torch.isfinite(b)
         err = ((a - b)[finite].norm() / b[finite].norm().clamp_min(1e-12)).item()
         assert err < 1e-4, f"{model}/{activation}/{name}: relative error {err:.2e}"
+
+
+def test_deterministic_is_bitwise_reproducible():
+    """Moved from the CPU tier: under the interpreter atomics run one at a time, so only a GPU, where
+    programs race on the accumulators, can show an order-dependent last bit."""
+    shapes = MODELS["gemma-2-2b"]
+    sae = make_sae(shapes.hidden, shapes.sae_width, "relu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16384, shapes.hidden, generator=g).to(DEVICE)
+    labels = torch.randint(-1, 2, (16384,), generator=g).to(DEVICE)
+    w = torch.rand(16384, generator=g).to(DEVICE)
+    run = lambda: sae_feature_stats(x, sae, labels, token_weights=w, backend="triton", deterministic=True)
+    runs = [run(), run()]
+    for name, t in runs[0].tensors().items():
+        assert torch.equal(t, runs[1].tensors()[name]), name
