@@ -498,11 +498,8 @@ def run_pipeline(
         return result
 
     # SAEs are cached outside the run (embedded) or read from their specs, so loading is the step itself
-    saes = step(
-        "saes",
-        lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir),
-        lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir),
-    )
+    get_saes = lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir)
+    saes = step("saes", get_saes, get_saes)
     if "stats" not in wanted:
         return result
 
