@@ -6,6 +6,8 @@
     sails-fast stats|select|subspace|init|train ...   the pipeline up to that step
     sails-fast eval runs/x [--judge PATH]             evaluate a run directory
     sails-fast report runs/x                          write its HTML report
+    sails-fast compare --config cmp.json --out runs/c SAILS vs baselines over seeds (CSV + plots)
+    sails-fast compare --print-config                 the default comparison config, to edit
 
 `--model` takes a local folder or a hub id; `--sae` takes `[LAYER=]SPEC` where SPEC is a local SAELens
 directory or a SAELens "release/sae_id" (repeat it for several layers). Each command writes its resolved
@@ -109,6 +111,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .sails.compare import CompareConfig, run_compare
+    from .sails.compare_outputs import format_summary, summarize
+
+    if args.print_config:
+        print(json.dumps(CompareConfig().to_dict(), indent=2, sort_keys=True))
+        return 0
+    if not args.config or not args.out:
+        raise ValueError("compare: expected --config FILE and --out DIR (or --print-config)")
+    config = CompareConfig.load(args.config)
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--seeds: expected comma-separated ints, got {args.seeds!r}") from err
+        config = CompareConfig.from_dict({**config.to_dict(), "seeds": seeds})
+    only = args.methods.split(",") if args.methods else None
+    result = run_compare(config, args.out, results_dir=args.results, only=only)
+    print(format_summary(summarize(result.records)))
+    for path in result.files:
+        print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sails-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +165,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the HTML report of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="SAILS against its baselines at equal budgets, over seeds")
+    p.add_argument("--config", help="JSON comparison config (see --print-config)")
+    p.add_argument("--out", help="working folder (pipeline artifacts, one folder per method and seed)")
+    p.add_argument("--results", help="where the CSVs and plots go (default: --out)")
+    p.add_argument("--methods", help="comma-separated method names to run (default: all in the config)")
+    p.add_argument("--seeds", help="comma-separated seeds (overrides the config's)")
+    p.add_argument("--print-config", action="store_true", help="print the default comparison config")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M-Instruct (CPU: ~15 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer prompts and steps (a smoke run)")

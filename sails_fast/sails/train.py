@@ -22,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -415,7 +415,13 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train(
-    peft_model: nn.Module, tokenizer, examples: Sequence, config: TrainConfig, out_dir: str | Path
+    peft_model: nn.Module,
+    tokenizer,
+    examples: Sequence,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """SFT of the adapters on the aligned responses, loss on response tokens only; resumable.
 
@@ -430,6 +436,8 @@ def train(
         examples: ContrastivePair records (trained on prompt -> aligned) or (prompt, response) strings.
         config: TrainConfig.
         out_dir: the run's folder (created).
+        on_step: called as on_step(step, model) after every optimizer step (1-based step), in train mode
+            restored afterwards; `sails-fast compare` probes safety with it. It must not change parameters.
 
     Returns:
         TrainResult.
@@ -569,6 +577,9 @@ def train(
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{final_loss:.4f}")
+                if on_step is not None:
+                    on_step(done, peft_model)
+                    peft_model.train()
                 # the last step is saved too, so a finished run re-run on its out_dir returns at once
                 if config.save_every and (done % config.save_every == 0 or done == total):
                     state = {

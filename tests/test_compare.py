@@ -1,0 +1,232 @@
+"""`sails-fast compare`: configs, metrics helpers, and a whole comparison on a tiny Llama."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from test_sails_pipeline import HARMFUL, save_tiny_sae, write_prompts
+from tiny import save_tiny
+
+from sails_fast.cli import main as cli_main
+from sails_fast.sails import compare as compare_mod
+from sails_fast.sails.compare import (
+    CompareConfig,
+    MethodSpec,
+    build_method_model,
+    prepare_shared,
+    record_fingerprint,
+    run_compare,
+    steps_to_target,
+)
+from sails_fast.sails.compare_outputs import format_summary, summarize
+
+# ----- configs
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"name": "x", "kind": "dora"}, "kind"),
+        ({"name": "", "kind": "lora"}, "name"),
+        ({"name": "a/b", "kind": "lora"}, "name"),
+        ({"name": "x", "kind": "lora", "select": {"top_k": 4}}, "kind 'sails' only"),
+        ({"name": "x", "kind": "sails", "subspace": {"rank": 4}}, "rank"),
+        ({"name": "x", "kind": "sails", "select": {"top_k": 0}}, "top_k"),
+        ({"name": "x", "kind": "sails", "select": {"bogus": 1}}, "unknown keys"),
+        ({"name": "x", "kind": "lora", "read_side_only": True}, "subspace methods"),
+        ({"name": "x", "kind": "full", "learning_rate": 2.0}, "learning_rate"),
+        ({"name": "x", "kind": "lora", "seeds": []}, "seeds"),
+    ],
+)
+def test_method_spec_rejects_bad_entries(spec, match):
+    with pytest.raises(ValueError, match=match):
+        MethodSpec.from_dict(spec)
+
+
+def test_compare_config_round_trips_and_validates(tmp_path):
+    config = CompareConfig()
+    assert [m.kind for m in config.methods] == list(compare_mod.METHOD_KINDS)
+    config.save(tmp_path / "c.json")
+    again = CompareConfig.load(tmp_path / "c.json")
+    assert again.to_dict() == config.to_dict()
+    nf4 = {"run": {"model": {"quantize": "nf4"}}}
+    with pytest.raises(ValueError, match="full-precision base"):
+        CompareConfig.from_dict({**nf4, "methods": [{"name": "p", "kind": "pissa"}]})
+    CompareConfig.from_dict({**nf4, "methods": [{"name": "e", "kind": "eva"}]})  # eva runs on 4-bit
+    with pytest.raises(ValueError, match="unique"):
+        CompareConfig.from_dict({"methods": [{"name": "a", "kind": "lora"}, {"name": "a", "kind": "sails"}]})
+    with pytest.raises(ValueError, match="unique and not 'base'"):
+        CompareConfig.from_dict({"methods": [{"name": "base", "kind": "lora"}]})
+    with pytest.raises(ValueError, match="seeds"):
+        CompareConfig.from_dict({"seeds": [0, 0]})
+    with pytest.raises(ValueError, match="target_safety"):
+        CompareConfig.from_dict({"target_safety": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        CompareConfig.from_dict({"steps": 3})
+
+
+def test_steps_to_target_and_summary():
+    assert steps_to_target([(0, 0.0), (2, 0.89), (4, 0.9), (6, 1.0)], 0.9) == 4
+    assert steps_to_target([(0, 0.0), (2, 0.5)], 0.9) is None
+    records = [
+        {"method": "a", "kind": "lora", "seed": 0, "safety_rate": 0.5, "steps_to_target": 4},
+        {"method": "a", "kind": "lora", "seed": 1, "safety_rate": 0.7, "steps_to_target": None},
+        {"method": "b", "kind": "sails", "seed": 0, "safety_rate": 1.0, "steps_to_target": 2},
+    ]
+    summary = summarize(records)
+    a = summary[0]
+    assert a["method"] == "a" and a["seeds"] == 2 and a["reached_target"] == 1
+    assert a["safety_rate_mean"] == pytest.approx(0.6)
+    assert a["safety_rate_std"] == pytest.approx(0.1414214, abs=1e-6)
+    assert a["steps_to_target_mean"] == 4 and a["steps_to_target_n"] == 1
+    assert summary[1]["safety_rate_std"] == 0.0
+    table = format_summary(summary)
+    assert "| a | 2 | 0.600 ± 0.141 |" in table
+    assert "(1/2 reached)" in table
+
+
+# ----- a whole comparison on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model_dir = save_tiny(root / "model", num_layers=3)
+    sae_dirs = {layer: save_tiny_sae(root / f"sae{layer}", seed=layer) for layer in (0, 1)}
+    prompts = write_prompts(root / "harmful.jsonl", HARMFUL)
+    config = CompareConfig.from_dict(
+        {
+            "run": {
+                "model": {"path": str(model_dir), "quantize": "none"},
+                "sae": {
+                    "layers": [0, 1],
+                    "source": "specs",
+                    "specs": {str(k): str(v) for k, v in sae_dirs.items()},
+                },
+                "data": {
+                    "harmful": str(prompts),
+                    "train_prompts": 10,
+                    "eval_prompts": 4,
+                    "retain_prompts": 3,
+                },
+                "sails": {
+                    "collect": {"batch_size": 4, "max_length": 48, "max_new_tokens": 6, "progress": False},
+                    "select": {"top_k": 8},
+                    "subspace": {"rank": 4},
+                    "train": {"max_steps": 2, "batch_size": 4, "progress": False},
+                },
+                "eval": {"max_new_tokens": 4, "progress": False},
+            },
+            "methods": [
+                {"name": "sails", "kind": "sails"},
+                {"name": "lora", "kind": "lora"},
+                {"name": "diffmean", "kind": "diffmean"},
+                {"name": "pca_diff", "kind": "pca_diff"},
+                {"name": "sails_read_only", "kind": "sails", "read_side_only": True},
+                {"name": "full", "kind": "full", "learning_rate": 1e-4, "seeds": [0]},
+            ],
+            "seeds": [0, 1],
+            "probe_every": 1,
+            "probe_prompts": 3,
+            "probe_max_new_tokens": 3,
+            "ppl_prompts": 4,
+            "progress": False,
+        }
+    )
+    out, results = root / "out", root / "results"
+    result = run_compare(config, out, results_dir=results)
+    return config, out, results, result
+
+
+def test_compare_trains_every_method_at_equal_budgets(tiny_compare):
+    config, out, results, result = tiny_compare
+    records = result.records
+    assert [r["method"] for r in records].count("base") == 1
+    trained = [r for r in records if r["method"] != "base"]
+    assert len(trained) == 5 * 2 + 1
+    assert {r["steps"] for r in trained} == {2}
+    lora_params = {r["trainable_params"] for r in trained if r["kind"] != "full"}
+    assert len(lora_params) == 1  # rank 4 on q, k, v, o of 3 layers, whatever the init
+    assert lora_params == {3 * (4 * (64 + 64) + 4 * (64 + 32) * 2 + 4 * (64 + 64))}
+    full = next(r for r in trained if r["kind"] == "full")
+    assert full["trainable_params"] > 20 * lora_params.pop() and full["learning_rate"] == 1e-4
+    for r in trained:
+        assert [step for step, _ in r["curve"]] == [0, 1, 2]
+        assert 0.0 <= r["safety_rate"] <= 1.0 and r["ppl_harmless"] > 1.0
+        assert r["matcher"] and r["logit_score_harmful"] is not None
+        assert not (out / "runs" / r["method"] / f"seed{r['seed']}" / "train" / "adapter").exists()
+    # seeds change the run: PEFT's random init and the data order
+    lora = [r for r in trained if r["method"] == "lora"]
+    assert lora[0]["final_loss"] != lora[1]["final_loss"]
+
+
+def test_compare_writes_csvs_and_plots(tiny_compare):
+    config, out, results, result = tiny_compare
+    for name in ("compare.csv", "compare_summary.csv", "compare_curves.csv", "compare.png",
+                 "compare_curves.png", "compare_config.json"):  # fmt: skip
+        assert (results / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((results / "compare.csv").open()))
+    assert len(rows) == len(result.records)
+    summary = {r["method"]: r for r in csv.DictReader((results / "compare_summary.csv").open())}
+    assert summary["lora"]["seeds"] == "2" and summary["full"]["seeds"] == "1"
+    mean = sum(float(r["safety_rate"]) for r in rows if r["method"] == "sails") / 2
+    assert float(summary["sails"]["safety_rate_mean"]) == pytest.approx(mean, abs=1e-6)
+    curves = list(csv.DictReader((results / "compare_curves.csv").open()))
+    assert len(curves) == 1 + 11 * 3
+
+
+def test_compare_reuses_finished_runs_and_reruns_changed_ones(tiny_compare, monkeypatch):
+    config, out, results, result = tiny_compare
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished (method, seed) was trained again")
+
+    monkeypatch.setattr(compare_mod, "run_method", fail)
+    again = run_compare(config, out)
+    assert again.records == result.records
+    # another probe schedule is another experiment: its fingerprint differs, so it would be rerun
+    changed = CompareConfig.from_dict({**config.to_dict(), "probe_every": 2})
+    spec = config.methods[0]
+    assert record_fingerprint(spec, 0, changed) != record_fingerprint(spec, 0, config)
+    with pytest.raises(AssertionError, match="trained again"):
+        run_compare(changed, out, only=["lora"])
+    with pytest.raises(ValueError, match="unknown method"):
+        run_compare(config, out, only=["dora"])
+
+
+def test_read_side_only_keeps_peft_init_on_write_modules(tiny_compare):
+    config, out, _, _ = tiny_compare
+    shared = prepare_shared(config, out)
+    spec = next(m for m in config.methods if m.read_side_only)
+    model, info = build_method_model(spec, 0, shared, config.run)
+    full_init, _ = build_method_model(config.methods[0], 0, shared, config.run)
+    assert info["write_side_reset"] == 3
+    layer = model.base_model.model.model.layers[2].self_attn
+    ref = full_init.base_model.model.model.layers[2].self_attn
+    torch.testing.assert_close(layer.q_proj.lora_A["default"].weight, ref.q_proj.lora_A["default"].weight)
+    # o_proj: PEFT's init (Kaiming A, B = 0) instead of B = U, A = 0
+    assert layer.o_proj.lora_B["default"].weight.abs().sum() == 0
+    assert layer.o_proj.lora_A["default"].weight.abs().sum() > 0
+    assert ref.o_proj.lora_A["default"].weight.abs().sum() == 0
+
+
+def test_cli_compare(tiny_compare, tmp_path, capsys):
+    config, out, _, _ = tiny_compare
+    assert cli_main(["compare", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert CompareConfig.from_dict(printed).to_dict() == CompareConfig().to_dict()
+    path = tmp_path / "c.json"
+    config.save(path)
+    # everything is already done in `out`: the command reuses it and prints the summary
+    assert (
+        cli_main(["compare", "--config", str(path), "--out", str(out), "--results", str(tmp_path / "r")]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "| sails | 2 |" in text and (tmp_path / "r" / "compare.csv").exists()
+    assert cli_main(["compare", "--config", str(path), "--out", str(out), "--methods", "dora"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert cli_main(["compare", "--config", str(path), "--out", str(out), "--seeds", "x"]) == 2
+    assert cli_main(["compare"]) == 2
