@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-gpu test-slow demo bench lint format clean
+.PHONY: setup test test-gpu test-slow demo compare bench lint format clean
 
 $(STAMP): requirements/pinned.txt requirements/nodeps.txt setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sails-fast demo
+
+# SAILS vs its baselines on the embedded model, 3 seeds (CPU: about an hour); results reused when rerun
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/sails-fast compare --config benchmarks/compare/smollm2.json --out runs/compare \
+		--results benchmarks/results/compare
+	$(BIN)/python benchmarks/make_tables.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lora.py

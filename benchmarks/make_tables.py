@@ -51,17 +51,35 @@ def lora_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"lora": ("lora.csv", lora_table)}
+def compare_table(rows: list[dict]) -> str:
+    """`sails-fast compare`'s summary (mean ± std over seeds), as the CLI prints it."""
+    from sails_fast.sails.compare_outputs import format_summary
+
+    def value(key: str, text: str):
+        if text == "" or key in ("method", "kind"):
+            return text or None
+        return float(text) if "." in text or "e" in text else int(text)
+
+    return format_summary([{k: value(k, v) for k, v in r.items()} for r in rows])
+
+
+# name: (CSV under benchmarks/results, renderer, whether the CSV holds several runs to pick the latest of)
+TABLES = {
+    "lora": ("lora.csv", lora_table, True),
+    "compare": ("compare/compare_summary.csv", compare_table, False),
+}
 
 
 def render(name: str) -> str | None:
-    csv_name, fn = TABLES[name]
+    csv_name, fn, has_runs = TABLES[name]
     path = RESULTS / csv_name
     if not path.exists():
         return None
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return fn(latest_runs(rows)) if rows else None
+    if not rows:
+        return None
+    return fn(latest_runs(rows) if has_runs else rows)
 
 
 def main() -> None:

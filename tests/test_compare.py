@@ -230,3 +230,30 @@ def test_cli_compare(tiny_compare, tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert cli_main(["compare", "--config", str(path), "--out", str(out), "--seeds", "x"]) == 2
     assert cli_main(["compare"]) == 2
+
+
+def _make_tables():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_tables.py"
+    spec = importlib.util.spec_from_file_location("make_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_rendered_from_the_summary_csv(tiny_compare):
+    _, _, results, result = tiny_compare
+    rows = list(csv.DictReader((results / "compare_summary.csv").open()))
+    assert _make_tables().compare_table(rows) == format_summary(summarize(result.records))
+
+
+def test_the_committed_comparison_config_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare" / "smollm2.json"
+    config = CompareConfig.load(path)
+    kinds = {m.kind for m in config.methods}
+    assert kinds == set(compare_mod.METHOD_KINDS) and len(config.seeds) >= 3
+    assert config.run.model.quantize == "none" and config.run.model.path == "embedded"

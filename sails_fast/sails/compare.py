@@ -26,7 +26,6 @@ continues where it stopped. Outputs: see `write_outputs` (compare.py's plotting 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -43,7 +42,8 @@ from torch import nn
 from .._config import ConfigBase
 from .baselines import HIDDEN_METHODS, NEEDS_FULL_PRECISION_BASE, PEFT_INITS
 from .config import SelectConfig, SubspaceConfig
-from .pipeline import RunConfig
+from .pipeline import RunConfig, _write_json
+from .pipeline import _hash as _fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -458,17 +458,6 @@ def run_method(spec: MethodSpec, seed: int, shared: Shared, config: CompareConfi
 
 
 # ----- the comparison
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
 
 
 def method_seeds(spec: MethodSpec, config: CompareConfig) -> tuple[int, ...]:
