@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sails-fast demo
 
-# SAILS vs its baselines on the embedded model, 3 seeds (CPU: about an hour); results reused when rerun
+# SAILS vs its baselines on the embedded model, 3 seeds (2 CPU cores: about an hour); finished runs are reused
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sails-fast compare --config benchmarks/compare/smollm2.json --out runs/compare \
 		--results benchmarks/results/compare

@@ -67,6 +67,7 @@ def compare_table(rows: list[dict]) -> str:
 TABLES = {
     "lora": ("lora.csv", lora_table, True),
     "compare": ("compare/compare_summary.csv", compare_table, False),
+    "compare_20steps": ("compare_20steps/compare_summary.csv", compare_table, False),
 }
 
 

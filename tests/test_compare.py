@@ -166,7 +166,7 @@ def test_compare_trains_every_method_at_equal_budgets(tiny_compare):
 def test_compare_writes_csvs_and_plots(tiny_compare):
     config, out, results, result = tiny_compare
     for name in ("compare.csv", "compare_summary.csv", "compare_curves.csv", "compare.png",
-                 "compare_curves.png", "compare_config.json"):  # fmt: skip
+                 "compare_curves.png", "compare_config.json", "compare_env.json"):  # fmt: skip
         assert (results / name).stat().st_size > 0, name
     rows = list(csv.DictReader((results / "compare.csv").open()))
     assert len(rows) == len(result.records)
@@ -249,11 +249,11 @@ def test_readme_table_is_rendered_from_the_summary_csv(tiny_compare):
     assert _make_tables().compare_table(rows) == format_summary(summarize(result.records))
 
 
-def test_the_committed_comparison_config_is_valid():
+@pytest.mark.parametrize("name, seeds", [("smollm2.json", 3), ("smollm2_20steps.json", 1)])
+def test_the_committed_comparison_configs_are_valid(name, seeds):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare" / "smollm2.json"
-    config = CompareConfig.load(path)
-    kinds = {m.kind for m in config.methods}
-    assert kinds == set(compare_mod.METHOD_KINDS) and len(config.seeds) >= 3
+    config = CompareConfig.load(Path(__file__).resolve().parent.parent / "benchmarks" / "compare" / name)
+    assert {m.kind for m in config.methods} == set(compare_mod.METHOD_KINDS)
+    assert len(config.seeds) == seeds
     assert config.run.model.quantize == "none" and config.run.model.path == "embedded"

@@ -176,7 +176,38 @@ def write_outputs(records: list[dict], results_dir: Path, config) -> list[Path]:
         files.append(_plot_summary(records, results_dir / "compare.png"))
         files.append(_plot_curves(records, results_dir / "compare_curves.png", config.target_safety))
     config.save(results_dir / "compare_config.json")
+    files.append(_write_environment(results_dir / "compare_env.json"))
     return files
+
+
+def _write_environment(path: Path) -> Path:
+    """Where and with what the CSVs were written: device, CPU count, library versions, git commit, date."""
+    import datetime
+    import json
+    import os
+    import platform
+
+    import torch
+
+    from .artifacts import git_commit, library_versions
+
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    env = {
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "note": "train_s / eval_s are wall-clock seconds on this machine, shared with other work at times",
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(env, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def format_summary(summary: list[dict]) -> str:
