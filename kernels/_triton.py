@@ -134,10 +134,16 @@ def low_rank_tile(
     Both operands are rounded to the activation dtype first, as PEFT's adapter runs in it; r is padded
     to the rank block (>= 16 for tl.dot on a GPU) by the masks.
     """
-    b_left = tl.load(left_ptr + o_rows[:, None] * stride_left_row + o_r[None, :] * stride_left_r,
-                     mask=m_rows[:, None] & m_r[None, :], other=0.0)  # [BLOCK_ROWS, BLOCK_R]
-    b_right = tl.load(right_ptr + o_r[:, None] * stride_right_r + o_cols[None, :] * stride_right_col,
-                      mask=m_r[:, None] & m_cols[None, :], other=0.0)  # [BLOCK_R, BLOCK_COLS]
+    b_left = tl.load(
+        left_ptr + o_rows[:, None] * stride_left_row + o_r[None, :] * stride_left_r,
+        mask=m_rows[:, None] & m_r[None, :],
+        other=0.0,
+    )  # [BLOCK_ROWS, BLOCK_R]
+    b_right = tl.load(
+        right_ptr + o_r[:, None] * stride_right_r + o_cols[None, :] * stride_right_col,
+        mask=m_r[:, None] & m_cols[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_COLS]
     b_left = round_to(b_left.to(tl.float32), COMPUTE_DTYPE, UPCAST)
     b_right = round_to(b_right.to(tl.float32), COMPUTE_DTYPE, UPCAST)
     return dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)

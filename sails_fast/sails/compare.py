@@ -42,7 +42,7 @@ from torch import nn
 from .._config import ConfigBase
 from .baselines import HIDDEN_METHODS, NEEDS_FULL_PRECISION_BASE, PEFT_INITS
 from .config import SelectConfig, SubspaceConfig
-from .pipeline import RunConfig, _write_json
+from .pipeline import RunConfig, _write_json, load_training_base
 from .pipeline import _hash as _fingerprint
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 MethodKind = Literal["sails", "lora", "diffmean", "pca_diff", "pissa", "corda", "eva", "full"]
 METHOD_KINDS = ("sails", "lora", "diffmean", "pca_diff", "pissa", "corda", "eva", "full")
 RESULT_FORMAT = "sails_fast.CompareResult"
-RESULT_VERSION = 1
 
 
 @dataclass
@@ -295,20 +294,6 @@ class Shared:
     ppl_examples: list
 
 
-def _load_base(run: RunConfig, model_path: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, run.model.compute_dtype)
-    if run.model.quantize == "nf4":
-        from .train import load_base_4bit
-
-        return load_base_4bit(
-            model_path, compute_dtype=dtype, gradient_checkpointing=run.sails.train.gradient_checkpointing
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
-
-
 def _calibration_batches(shared: Shared, run: RunConfig, device) -> list[dict[str, torch.Tensor]]:
     """The training examples as LM batches (labels -100 outside responses), for CorDA / EVA statistics."""
     from .collect import tokenize_example
@@ -338,7 +323,7 @@ def build_method_model(spec: MethodSpec, seed: int, shared: Shared, run: RunConf
     from .subspace import build_subspace
 
     torch.manual_seed(seed)  # PEFT's random inits (Kaiming A) draw from the global generator
-    base = _load_base(run, shared.model_path)
+    base = load_training_base(run, shared.model_path)
     rank = run.sails.subspace.rank
     lora_config = make_lora_config(run.sails.init, rank=rank)
     quantized = run.model.quantize == "nf4"

@@ -576,22 +576,27 @@ def run_pipeline(
     return result
 
 
-def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, state: RunState, result):
-    """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace."""
-    from peft import get_peft_model
+def load_training_base(config: RunConfig, model_path: str):
+    """The base the adapters train on: 4-bit NF4 (bitsandbytes) or full precision, per `model.quantize`."""
     from transformers import AutoModelForCausalLM
-
-    from .init import init_lora_from_subspace, make_lora_config
 
     dtype = getattr(torch, config.model.compute_dtype)
     if config.model.quantize == "nf4":
         from .train import load_base_4bit
 
-        base = load_base_4bit(
+        return load_base_4bit(
             model_path, compute_dtype=dtype, gradient_checkpointing=config.sails.train.gradient_checkpointing
         )
-    else:
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device())
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device())
+
+
+def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, state: RunState, result):
+    """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace."""
+    from peft import get_peft_model
+
+    from .init import init_lora_from_subspace, make_lora_config
+
+    base = load_training_base(config, model_path)
     lora_config = make_lora_config(config.sails.init, rank=config.sails.subspace.rank)
     peft_model = get_peft_model(base, lora_config)
 
