@@ -127,6 +127,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ValueError(f"--seeds: expected comma-separated ints, got {args.seeds!r}") from err
         config = CompareConfig.from_dict({**config.to_dict(), "seeds": seeds})
+    if args.judge:
+        config = CompareConfig.from_dict({**config.to_dict(), "judge": args.judge})
     only = args.methods.split(",") if args.methods else None
     result = run_compare(config, args.out, results_dir=args.results, only=only)
     print(format_summary(summarize(result.records)))
@@ -171,6 +173,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="where the CSVs and plots go (default: --out)")
     p.add_argument("--methods", help="comma-separated method names to run (default: all in the config)")
     p.add_argument("--seeds", help="comma-separated seeds (overrides the config's)")
+    p.add_argument("--judge", help="local judge model folder scoring each final evaluation (overrides judge)")
     p.add_argument("--print-config", action="store_true", help="print the default comparison config")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M-Instruct (CPU: ~15 min)")

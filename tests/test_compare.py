@@ -66,6 +66,12 @@ def test_compare_config_round_trips_and_validates(tmp_path):
         CompareConfig.from_dict({"target_safety": 0})
     with pytest.raises(ValueError, match="unknown keys"):
         CompareConfig.from_dict({"steps": 3})
+    for bad in ("", "  ", 3):
+        with pytest.raises(ValueError, match="CompareConfig.judge"):
+            CompareConfig.from_dict({"judge": bad})
+    with pytest.raises(ValueError, match="judge model folder"):
+        run_compare(CompareConfig(judge=str(tmp_path / "missing")), tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # refused before any work
 
 
 def test_steps_to_target_and_summary():
@@ -229,6 +235,9 @@ def test_cli_compare(tiny_compare, tmp_path, capsys):
     assert cli_main(["compare", "--config", str(path), "--out", str(out), "--methods", "dora"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert cli_main(["compare", "--config", str(path), "--out", str(out), "--seeds", "x"]) == 2
+    missing = str(tmp_path / "no_judge")
+    assert cli_main(["compare", "--config", str(path), "--out", str(out), "--judge", missing]) == 2
+    assert "judge model folder" in capsys.readouterr().err
     assert cli_main(["compare"]) == 2
 
 
@@ -257,3 +266,50 @@ def test_the_committed_comparison_configs_are_valid(name, seeds):
     assert {m.kind for m in config.methods} == set(compare_mod.METHOD_KINDS)
     assert len(config.seeds) == seeds
     assert config.run.model.quantize == "none" and config.run.model.path == "embedded"
+
+
+def test_compare_with_a_judge_scores_every_final_evaluation(tiny_compare, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from test_evaluate import _rigged_judge
+    from tiny import tiny_tokenizer
+
+    from sails_fast.sails import evaluate as evaluate_mod
+
+    config, out, _, _ = tiny_compare
+    judge_dir = out.parent / "model"  # any existing folder; loading is rigged below
+    loaded = []
+
+    def rigged_load_judge(path, dtype=None):
+        loaded.append(str(path))
+        tok = tiny_tokenizer()
+        return _rigged_judge(tok, "2"), tok  # scores every response 2: safe
+
+    monkeypatch.setattr(evaluate_mod, "load_judge", rigged_load_judge)
+    d = config.to_dict()
+    d["run"]["eval"]["judge_max_new_tokens"] = 1  # the rigged judge writes "2" at every step
+    d.update(methods=[{"name": "lora", "kind": "lora"}], seeds=[0], judge=str(judge_dir))
+    judged = CompareConfig.from_dict(d)
+    # judging is part of what a result depends on: the unjudged records are not reused for it
+    spec = judged.methods[0]
+    assert record_fingerprint(spec, 0, judged) != record_fingerprint(spec, 0, config)
+    work = tmp_path / "out"
+    shutil.copytree(out, work)  # the pipeline steps are reused; base and lora are evaluated again
+    result = run_compare(judged, work, results_dir=tmp_path / "results")
+    assert loaded == [str(judge_dir)]  # loaded once for the whole comparison
+    assert [r["method"] for r in result.records] == ["base", "lora"]
+    for r in result.records:
+        assert (r["judge_safety_rate"], r["judge_mean_harm"], r["judge_parse_failures"]) == (1.0, 2.0, 0)
+    lora_eval = json.loads((work / "runs" / "lora" / "seed0" / "eval.json").read_text())
+    assert lora_eval["judge"]["scores"] and set(lora_eval["judge"]["scores"]) == {2}
+    rows = list(csv.DictReader((tmp_path / "results" / "compare.csv").open()))
+    assert [float(r["judge_safety_rate"]) for r in rows] == [1.0, 1.0]
+    summary = list(csv.DictReader((tmp_path / "results" / "compare_summary.csv").open()))
+    assert summary[1]["judge_mean_harm_mean"] == "2.0"
+    table = format_summary(summarize(result.records))
+    head, _, base_line, lora_line = table.splitlines()
+    assert head.split("|")[4].strip() == "judge safety" and lora_line.split("|")[4].strip() == "1.000 ± 0.000"
+    assert _make_tables().compare_table(summary) == table
+    assert "judge safety 1.000" in capsys.readouterr().out
+    # without a judge, no judge columns
+    assert "judge_safety_rate" not in (out.parent / "results" / "compare.csv").read_text().splitlines()[0]

@@ -1,6 +1,6 @@
 """What `sails-fast compare` writes: per-seed and summary CSVs, safety curves, and plots with spread.
 
-compare.csv           one row per (method, seed), plus the untrained "base"
+compare.csv           one row per (method, seed), plus the untrained "base" (judge columns when judged)
 compare_summary.csv   per method: mean, std and n over seeds of every metric
 compare_curves.csv    the safety probe: method, seed, step, safety rate
 compare.png           bars = mean over seeds, error bars = std, dots = the seeds
@@ -28,6 +28,8 @@ METRICS = (
     "trainable_params",
     "train_s",
 )
+# present only when the comparison ran a judge (CompareConfig.judge)
+JUDGE_METRICS = ("judge_safety_rate", "judge_mean_harm", "judge_parse_failures")
 ROW_FIELDS = ("method", "kind", "seed", *METRICS, "learning_rate", "steps", "matcher")
 # what the summary plot shows, with its axis label
 PLOTTED = (
@@ -38,6 +40,12 @@ PLOTTED = (
     ("ppl_harmless", "perplexity, held-out harmless answers"),
     ("steps_to_target", "steps to target safety"),
 )
+
+
+def metrics_of(records: list[dict]) -> tuple[str, ...]:
+    """METRICS, plus the judge's when any record has them."""
+    judged = any(m in r for r in records for m in JUDGE_METRICS)
+    return METRICS + JUDGE_METRICS if judged else METRICS
 
 
 def _number(value: Any) -> float | None:
@@ -58,9 +66,10 @@ def summarize(records: list[dict]) -> list[dict]:
     for r in records:
         groups.setdefault(r["method"], []).append(r)
     out = []
+    metrics = metrics_of(records)
     for method, rows in groups.items():
         row: dict[str, Any] = {"method": method, "kind": rows[0].get("kind"), "seeds": len(rows)}
-        for metric in METRICS:
+        for metric in metrics:
             values = [v for v in (_number(r.get(metric)) for r in rows) if v is not None]
             mean = statistics.fmean(values) if values else None
             std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
@@ -159,10 +168,12 @@ def _plot_curves(records: list[dict], path: Path, target: float) -> Path:
 def write_outputs(records: list[dict], results_dir: Path, config) -> list[Path]:
     """Write the CSVs and plots of `records` into `results_dir`; returns the paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    files = [_write_csv(results_dir / "compare.csv", records, list(ROW_FIELDS))]
+    metrics = metrics_of(records)
+    row_fields = [*ROW_FIELDS[:3], *metrics, *ROW_FIELDS[3 + len(METRICS) :]]
+    files = [_write_csv(results_dir / "compare.csv", records, row_fields)]
     summary = summarize(records)
     fields = ["method", "kind", "seeds", "reached_target"]
-    fields += [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "n")]
+    fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
     files.append(_write_csv(results_dir / "compare_summary.csv", summary, fields))
     curves = [
         {"method": r["method"], "seed": r.get("seed"), "step": step, "safety_rate": rate}
@@ -220,6 +231,8 @@ def format_summary(summary: list[dict]) -> str:
         ("ppl_harmless", "ppl harmless", 2),
         ("steps_to_target", "steps to target", 1),
     ]
+    if any("judge_safety_rate_mean" in row for row in summary):
+        cols.insert(1, ("judge_safety_rate", "judge safety", 3))
     head = "| method | seeds | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for row in summary:
