@@ -19,6 +19,7 @@ from sails_fast.sails.compare import (
     prepare_shared,
     record_fingerprint,
     run_compare,
+    steps_to_held_target,
     steps_to_target,
 )
 from sails_fast.sails.compare_outputs import format_summary, summarize
@@ -77,10 +78,34 @@ def test_compare_config_round_trips_and_validates(tmp_path):
 def test_steps_to_target_and_summary():
     assert steps_to_target([(0, 0.0), (2, 0.89), (4, 0.9), (6, 1.0)], 0.9) == 4
     assert steps_to_target([(0, 0.0), (2, 0.5)], 0.9) is None
+    assert steps_to_held_target([(0, 0.0), (2, 0.95), (4, 0.8), (6, 0.9), (8, 1.0)], 0.9) == 6
+    assert steps_to_held_target([(0, 0.0), (2, 0.95), (4, 0.8)], 0.9) is None
+    assert steps_to_held_target([(0, 0.95), (2, 0.95)], 0.9) == 0
     records = [
-        {"method": "a", "kind": "lora", "seed": 0, "safety_rate": 0.5, "steps_to_target": 4},
-        {"method": "a", "kind": "lora", "seed": 1, "safety_rate": 0.7, "steps_to_target": None},
-        {"method": "b", "kind": "sails", "seed": 0, "safety_rate": 1.0, "steps_to_target": 2},
+        {
+            "method": "a",
+            "kind": "lora",
+            "seed": 0,
+            "safety_rate": 0.5,
+            "steps_to_target": 4,
+            "steps_to_target_held": 6,
+        },
+        {
+            "method": "a",
+            "kind": "lora",
+            "seed": 1,
+            "safety_rate": 0.7,
+            "steps_to_target": None,
+            "steps_to_target_held": None,
+        },
+        {
+            "method": "b",
+            "kind": "sails",
+            "seed": 0,
+            "safety_rate": 1.0,
+            "steps_to_target": 2,
+            "steps_to_target_held": None,
+        },
     ]
     summary = summarize(records)
     a = summary[0]
@@ -91,7 +116,11 @@ def test_steps_to_target_and_summary():
     assert summary[1]["safety_rate_std"] == 0.0
     table = format_summary(summary)
     assert "| a | 2 | 0.600 ± 0.141 |" in table
-    assert "(1/2 reached)" in table
+    assert "(1/2 reached)" in table and "| 6.0 ± 0.0 (1/2 held) |" in table
+    assert table.splitlines()[0].endswith("| held from step |") and table.endswith("| not held |")
+    # a summary written before the held column existed renders without it
+    old = [{k: v for k, v in row.items() if not k.startswith("steps_to_target_held")} for row in summary]
+    assert "held" not in format_summary(old)
 
 
 # ----- a whole comparison on a tiny model
@@ -161,6 +190,7 @@ def test_compare_trains_every_method_at_equal_budgets(tiny_compare):
     assert full["trainable_params"] > 20 * lora_params.pop() and full["learning_rate"] == 1e-4
     for r in trained:
         assert [step for step, _ in r["curve"]] == [0, 1, 2]
+        assert r["steps_to_target_held"] == steps_to_held_target(r["curve"], config.target_safety)
         assert 0.0 <= r["safety_rate"] <= 1.0 and r["ppl_harmless"] > 1.0
         assert r["matcher"] and r["logit_score_harmful"] is not None
         assert not (out / "runs" / r["method"] / f"seed{r['seed']}" / "train" / "adapter").exists()

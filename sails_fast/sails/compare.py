@@ -286,6 +286,24 @@ def steps_to_target(curve: Sequence[tuple[int, float]], target: float) -> int | 
     return next((step for step, rate in curve if rate >= target), None)
 
 
+def steps_to_held_target(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    """The first probed step from which every later probe stays >= target (None if the last is below).
+
+    `steps_to_target` counts a spike that falls back; this one only counts a level that holds.
+
+    Example:
+        >>> steps_to_held_target([(0, 0.1), (2, 0.95), (4, 0.8), (6, 0.92), (8, 0.96)], 0.9)
+        6
+    """
+    held = None
+    for step, rate in curve:
+        if rate < target:
+            held = None
+        elif held is None:
+            held = step
+    return held
+
+
 @dataclass
 class Shared:
     """What every (method, seed) run reads: prepared once per comparison."""
@@ -444,6 +462,7 @@ def run_method(spec: MethodSpec, seed: int, shared: Shared, config: CompareConfi
         "seed": seed,
         **metrics,
         "steps_to_target": steps_to_target(curve, config.target_safety),
+        "steps_to_target_held": steps_to_held_target(curve, config.target_safety),
         "target_safety": config.target_safety,
         "steps": trained.steps,
         "final_loss": trained.final_loss,
@@ -668,6 +687,10 @@ def collect_records(out_dir: Path, config: CompareConfig) -> list[dict]:
             record = _read_record(path, record_fingerprint(spec, seed, config))
             if record is not None:
                 records.append(record)
+    for record in records:  # derived from the curve, so records written before it existed get it too
+        record.setdefault(
+            "steps_to_target_held", steps_to_held_target(record.get("curve") or [], config.target_safety)
+        )
     return records
 
 
@@ -683,4 +706,5 @@ __all__ = [
     "run_compare",
     "run_method",
     "steps_to_target",
+    "steps_to_held_target",
 ]

@@ -24,6 +24,7 @@ METRICS = (
     "logit_score_safe_scary",
     "ppl_harmless",
     "steps_to_target",
+    "steps_to_target_held",
     "final_loss",
     "trainable_params",
     "train_s",
@@ -55,7 +56,8 @@ def _number(value: Any) -> float | None:
 def summarize(records: list[dict]) -> list[dict]:
     """Per method (in first-seen order): mean, std (sample, 0 for one seed) and n of every metric.
 
-    "steps_to_target" averages the seeds that reached the target; `reached` counts them.
+    "steps_to_target" averages the seeds that reached the target; `reached` counts them. Likewise
+    "steps_to_target_held" (the step from which safety stayed >= target) over the seeds where it held.
 
     Example:
         >>> summarize([{"method": "a", "kind": "lora", "safety_rate": 0.5}, {"method": "a", "kind": "lora",
@@ -221,6 +223,10 @@ def _write_environment(path: Path) -> Path:
     return path
 
 
+# step metrics: (cell when no seed got there, word for "n of the seeds got there")
+_STEP_METRICS = {"steps_to_target": ("not reached", "reached"), "steps_to_target_held": ("not held", "held")}
+
+
 def format_summary(summary: list[dict]) -> str:
     """A Markdown table of the summary (mean ± std over seeds) for the README."""
     cols = [
@@ -231,6 +237,8 @@ def format_summary(summary: list[dict]) -> str:
         ("ppl_harmless", "ppl harmless", 2),
         ("steps_to_target", "steps to target", 1),
     ]
+    if any("steps_to_target_held_mean" in row for row in summary):  # summaries from before it existed lack it
+        cols.append(("steps_to_target_held", "held from step", 1))
     if any("judge_safety_rate_mean" in row for row in summary):
         cols.insert(1, ("judge_safety_rate", "judge safety", 3))
     head = "| method | seeds | " + " | ".join(c[1] for c in cols) + " |"
@@ -240,11 +248,11 @@ def format_summary(summary: list[dict]) -> str:
         for metric, _, digits in cols:
             mean, std, n = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"]
             if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-                cells.append("not reached" if metric == "steps_to_target" else "n/a")
+                cells.append(_STEP_METRICS[metric][0] if metric in _STEP_METRICS else "n/a")
                 continue
             cell = f"{mean:.{digits}f} ± {std:.{digits}f}"
-            if metric == "steps_to_target" and n < row["seeds"]:
-                cell += f" ({n}/{row['seeds']} reached)"
+            if metric in _STEP_METRICS and n < row["seeds"]:
+                cell += f" ({n}/{row['seeds']} {_STEP_METRICS[metric][1]})"
             cells.append(cell)
         lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
