@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from test_sails_pipeline import HARMFUL, save_tiny_sae, write_prompts
-from tiny import save_tiny
+from test_sails_pipeline import write_tiny_assets
 
 from sails_fast.cli import main as cli_main
 from sails_fast.sails import compare as compare_mod
@@ -129,9 +128,7 @@ def test_steps_to_target_and_summary():
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    model_dir = save_tiny(root / "model", num_layers=3)
-    sae_dirs = {layer: save_tiny_sae(root / f"sae{layer}", seed=layer) for layer in (0, 1)}
-    prompts = write_prompts(root / "harmful.jsonl", HARMFUL)
+    model_dir, sae_dirs, prompts = write_tiny_assets(root)
     config = CompareConfig.from_dict(
         {
             "run": {

@@ -31,13 +31,17 @@ def save_tiny_sae(path, d: int = 64, width: int = 96, seed: int = 0):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
+def write_tiny_assets(root):
+    """A 3-layer tiny Llama, tiny SAEs at layers 0 and 1, and the harmful prompts, under `root`."""
     model_dir = save_tiny(root / "model", num_layers=3)
     sae_dirs = {layer: save_tiny_sae(root / f"sae{layer}", seed=layer) for layer in (0, 1)}
     prompts = write_prompts(root / "harmful.jsonl", HARMFUL)
     return model_dir, sae_dirs, prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def tiny_config(model_dir, sae_dirs, prompts, **train) -> RunConfig:
