@@ -73,12 +73,16 @@ class ConfigBase:
     @classmethod
     def load(cls, path: str | Path):
         """Read a JSON file written by `save` (or by hand). Bad JSON raises ValueError naming the path."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"path: cannot read a JSON config from {path} ({err})") from err
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_config(path, "path: cannot read a JSON config"))
+
+
+def read_json_config(path: str | Path, error: str) -> Any:
+    """The parsed JSON at `path`; unreadable or bad JSON raises ValueError("{error} from {path} (why)")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{error} from {path} ({err})") from err
 
 
 def config_class(hint: Any) -> type | None:

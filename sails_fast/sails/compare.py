@@ -462,7 +462,6 @@ def run_method(spec: MethodSpec, seed: int, shared: Shared, config: CompareConfi
         "seed": seed,
         **metrics,
         "steps_to_target": steps_to_target(curve, config.target_safety),
-        "steps_to_target_held": steps_to_held_target(curve, config.target_safety),
         "target_safety": config.target_safety,
         "steps": trained.steps,
         "final_loss": trained.final_loss,
@@ -687,10 +686,8 @@ def collect_records(out_dir: Path, config: CompareConfig) -> list[dict]:
             record = _read_record(path, record_fingerprint(spec, seed, config))
             if record is not None:
                 records.append(record)
-    for record in records:  # derived from the curve, so records written before it existed get it too
-        record.setdefault(
-            "steps_to_target_held", steps_to_held_target(record.get("curve") or [], config.target_safety)
-        )
+    for record in records:  # derived from the stored curve, not stored itself
+        record["steps_to_target_held"] = steps_to_held_target(record.get("curve") or [], config.target_safety)
     return records
 
 

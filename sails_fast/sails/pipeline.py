@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from .._config import ConfigBase as _ConfigBase
+from .._config import read_json_config
 from .config import SailsConfig
 from .evaluate import EvalConfig
 
@@ -190,12 +191,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"config: cannot read a JSON run config from {path} ({err})") from err
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_config(path, "config: cannot read a JSON run config"))
 
     def save(self, path: str | Path) -> None:
         _write_json(Path(path), self.to_dict())
