@@ -9,12 +9,19 @@ Everything that differs between a real GPU launch and `TRITON_INTERPRET=1` on th
 - `dot`: tl.dot with bf16 operands returns garbage under the interpreter; operands are upcast there.
 - `empty`: the output allocation helper. Tests turn on poisoning so an element a kernel forgot to write
   shows up as NaN instead of stale memory.
+- `target_of`: the GPU a launch is for (arch, SMs, shared memory, L2), read from the device, or the one
+  `simulate_target` sets, so benchmarks/kernel_audit.py sees the configs a launcher keeps on a GPU it
+  does not have.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -47,46 +54,173 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def token_bucket(m: int) -> int:
+    """The autotune key for a token count: its next power of two in [16, 8192].
+
+    Keying autotune on the exact M would re-tune every kernel for every new batch shape (seconds each
+    time, a stall in variable-length training); the best tile changes only with M's order of magnitude.
+    """
+    return min(8192, max(16, next_power_of_2(m)))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launcher needs to know of the GPU it launches on (per-block and per-SM limits)."""
+
+    name: str
+    arch: int  # compute capability as 10 * major + minor; 0 for the interpreter
+    sm_count: int
+    smem_per_block: int  # bytes a block may opt into
+    smem_per_sm: int
+    l2_bytes: int
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    regs_per_sm: int = 65536
+
+
+# published limits (CUDA C programming guide, "Technical Specifications per Compute Capability"; SM
+# counts and L2 sizes of the named parts from their datasheets)
+TARGETS: dict[int, Target] = {
+    90: Target("H100 SXM", 90, 132, 227 * 1024, 228 * 1024, 50 * 2**20, 2048, 32),
+    89: Target("RTX 4090", 89, 128, 99 * 1024, 100 * 1024, 72 * 2**20, 1536, 24),
+    86: Target("RTX 3090", 86, 82, 99 * 1024, 100 * 1024, 6 * 2**20, 1536, 16),
+    80: Target("A100 SXM", 80, 108, 163 * 1024, 164 * 1024, 40 * 2**20, 2048, 32),
+}
+# the interpreter: one "SM", no shared-memory limit that could prune a config
+INTERPRETER_TARGET = Target("interpreter", 0, 1, 2**30, 2**30, 2**30, 2048, 32)
+
+_simulated: Target | None = None
+
+
+@contextlib.contextmanager
+def simulate_target(target: Target) -> Iterator[Target]:
+    """Launchers see `target` instead of the real device (the ahead-of-time audit, tests)."""
+    global _simulated
+    previous, _simulated = _simulated, target
+    try:
+        yield target
+    finally:
+        _simulated = previous
+
+
+def target_of(device: torch.device | str) -> Target:
+    """The GPU a launch on `device` runs on: simulated, the interpreter, or read from the CUDA device."""
+    if _simulated is not None:
+        return _simulated
+    device = torch.device(device)
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_TARGET
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_cuda_targets: dict[int, Target] = {}
+
+
+def _cuda_target(index: int) -> Target:
+    if index not in _cuda_targets:
+        props = torch.cuda.get_device_properties(index)
+        arch = 10 * props.major + props.minor
+        known = TARGETS.get(arch, TARGETS[80] if arch < 90 else TARGETS[90])
+        _cuda_targets[index] = Target(
+            name=props.name,
+            arch=arch,
+            sm_count=props.multi_processor_count,
+            smem_per_block=getattr(props, "shared_memory_per_block_optin", known.smem_per_block),
+            smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", known.smem_per_sm),
+            l2_bytes=getattr(props, "L2_cache_size", known.l2_bytes),
+            max_threads_per_sm=getattr(props, "max_threads_per_multi_processor", known.max_threads_per_sm),
+            max_blocks_per_sm=known.max_blocks_per_sm,
+        )
+    return _cuda_targets[index]
+
+
+# `cache_results` (autotune timings kept in triton's cache dir across processes) exists from triton 3.4
+_AUTOTUNE_CACHE = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
+
+
 def autotune(
     configs: list[triton.Config],
     key: list[str],
     interpret_config: triton.Config,
-    prune_configs_by: dict | None = None,
+    prune: Callable[[list[triton.Config], dict], list[triton.Config]] | None = None,
     reset_to_zero: list[str] | None = None,
 ) -> Callable:
     """`triton.autotune` on a GPU, one fixed config under the interpreter.
 
-    Under the interpreter multi-config autotuning fails (it benchmarks through a GPU driver), so the
-    block sizes of `interpret_config` are injected with `triton.heuristics` instead.
+    `prune(configs, named_args)` drops configs that cannot run or cannot win on this launch (see
+    `gemm_pruner`); it must keep at least one. Timings are cached on disk where triton supports it, so a
+    new process does not re-tune. Under the interpreter multi-config autotuning fails (it benchmarks
+    through a GPU driver), so the block sizes of `interpret_config` are injected with
+    `triton.heuristics` instead.
     """
     if INTERPRET:
         fixed = dict(interpret_config.kwargs)
         return triton.heuristics({name: (lambda args, v=value: v) for name, value in fixed.items()})
+    prune_configs_by = None
+    if prune is not None:
+        # triton passes positional arguments as named_args and the launch's keywords (constexpr blocks
+        # set by the launcher) separately: the pruner sees both
+        prune_configs_by = {
+            "early_config_prune": lambda configs, named_args, **kw: prune(configs, {**named_args, **kw})
+        }
     return triton.autotune(
-        configs=configs, key=key, prune_configs_by=prune_configs_by, reset_to_zero=reset_to_zero
+        configs=configs,
+        key=key,
+        prune_configs_by=prune_configs_by,
+        reset_to_zero=reset_to_zero,
+        **_AUTOTUNE_CACHE,
     )
 
 
-def prune_by_size(size_args: dict[str, str]) -> dict:
-    """Autotune pruning: drop configs whose block is much larger than the problem along a dimension.
+def pipeline_smem_bytes(
+    config: triton.Config, tiles: Sequence[tuple[str, str, float]], launch_args: dict
+) -> int:
+    """Shared memory of a software-pipelined loop: num_stages buffers of each operand tile.
 
-    `size_args` maps a block name (e.g. "BLOCK_M") to the kernel argument holding that size ("M").
-    A block is kept when it is at most the next power of two of the size (but at least 16).
+    `tiles` names the two block sizes of each operand and its bytes per element, e.g. (("BLOCK_M",
+    "BLOCK_K", 2), ("BLOCK_K", "BLOCK_N", 2)); a block is looked up in the config, then in the launch's
+    own arguments (a block the launcher sets, such as the rank block). The epilogue reuses the same
+    allocation; benchmarks/kernel_audit.py checks the estimate against what the compiler allocates.
+    """
+    values = {**launch_args, **config.kwargs}
+    per_stage = sum(values[a] * values[b] * elem for a, b, elem in tiles)
+    return int(max(1, config.num_stages) * per_stage)
+
+
+def gemm_pruner(
+    size_args: dict[str, str], smem_bytes: Callable[[triton.Config, dict], int], operand_arg: str
+) -> Callable[[list[triton.Config], dict], list[triton.Config]]:
+    """Autotune pruning for a tiled kernel, per launch:
+
+    - a config whose shared memory (`smem_bytes(config, launch_args)`) exceeds what the target GPU allows
+      per block is dropped, so a consumer GPU never tries, and fails to launch, a tile sized for a
+      data-centre part (the target is read from the device of the tensor argument `operand_arg`);
+    - a block much larger than the problem is dropped: `size_args` maps a block name ("BLOCK_M") to the
+      argument holding that size ("M_BUCKET"), and a block is kept up to the size's next power of two.
     """
 
-    def prune(configs, named_args, **kwargs):
-        kept = []
-        for config in configs:
-            fits = True
-            for block_name, size_name in size_args.items():
-                limit = max(16, next_power_of_2(named_args[size_name]))
-                if config.kwargs.get(block_name, 0) > limit:
-                    fits = False
-            if fits:
-                kept.append(config)
-        return kept or configs[:1]
+    def prune(configs: list[triton.Config], named_args: dict) -> list[triton.Config]:
+        target = target_of(named_args[operand_arg].device)
+        fitting = [c for c in configs if smem_bytes(c, named_args) <= target.smem_per_block]
+        if not fitting:
+            raise ValueError(
+                f"no tile config fits the {target.smem_per_block} bytes of shared memory of {target.name}"
+            )
+        kept = [
+            c
+            for c in fitting
+            if all(
+                c.kwargs.get(block, 0) <= max(16, next_power_of_2(named_args[size]))
+                for block, size in size_args.items()
+            )
+        ]
+        # the smallest fitting tile when every tile is larger than the problem
+        smallest = min(fitting, key=lambda c: math.prod(c.kwargs.get(b, 1) for b in size_args))
+        return kept or [smallest]
 
-    return {"early_config_prune": prune}
+    return prune
 
 
 @triton.jit

@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, autotune, dot, empty, low_rank_tile, prune_by_size, round_to
-from .lora import _FWD_CONFIGS, _INTERPRET_MATMUL_CONFIG, _grouped_tile, _keep_mask, _rank_block
+from ._gemm import INTERPRET_MATMUL_CONFIG, grouped_tile, nf4_matmul_configs, nf4_matmul_pruner
+from ._triton import INTERPRET, autotune, dot, empty, low_rank_tile, round_to, token_bucket
+from .lora_rank import keep_mask, rank_block
 from .nf4_ref import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 
 _DEQUANT_CONFIGS = [
@@ -98,15 +99,15 @@ def _absmax_dequant_kernel(
 
 
 @autotune(
-    configs=_FWD_CONFIGS,
-    key=["M", "N", "K"],
-    interpret_config=_INTERPRET_MATMUL_CONFIG,
-    prune_configs_by=prune_by_size({"BLOCK_M": "M", "BLOCK_N": "N"}),
+    configs=nf4_matmul_configs(),
+    key=["M_BUCKET", "N", "K"],
+    interpret_config=INTERPRET_MATMUL_CONFIG,
+    prune=nf4_matmul_pruner("BLOCK_K", "x_ptr"),
 )
 @triton.jit
 def _qlora_fwd_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
     BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -118,7 +119,7 @@ def _qlora_fwd_kernel(
     Each [BLOCK_K, BLOCK_N] tile of W^T is dequantised in registers and rounded to the weight's dtype
     W_DTYPE, then to x's dtype, as the dequantise-once path does.
     """
-    i_m, i_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    i_m, i_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_r = tl.arange(0, BLOCK_R)
@@ -156,15 +157,15 @@ def _qlora_fwd_kernel(
 
 
 @autotune(
-    configs=_FWD_CONFIGS,
-    key=["M", "N", "K"],
-    interpret_config=_INTERPRET_MATMUL_CONFIG,
-    prune_configs_by=prune_by_size({"BLOCK_M": "M", "BLOCK_K": "K"}),
+    configs=nf4_matmul_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+    key=["M_BUCKET", "N", "K"],
+    interpret_config=INTERPRET_MATMUL_CONFIG,
+    prune=nf4_matmul_pruner("BLOCK_N", "dy_ptr", out_block="BLOCK_K"),
 )
 @triton.jit
 def _qlora_bwd_dx_kernel(
     dy_ptr, packed_ptr, absmax_ptr, code_ptr, g_ptr, a_ptr, dx_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     scaling, seed, dropout_p, dropout_scale,
     BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -172,7 +173,7 @@ def _qlora_bwd_dx_kernel(
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """dx[M, K] = dy @ W + scaling * dropout'(g @ A), W tiles [BLOCK_N, BLOCK_K] dequantised in the N loop."""
-    i_m, i_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    i_m, i_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     o_r = tl.arange(0, BLOCK_R)
@@ -202,7 +203,7 @@ def _qlora_bwd_dx_kernel(
                            compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     if HAS_DROPOUT:
         # the keep-mask the forward drew, regenerated from the seed
-        b_keep = _keep_mask(seed, o_m, o_k, K, dropout_p)
+        b_keep = keep_mask(seed, o_m, o_k, K, dropout_p)
         b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
     acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
@@ -329,12 +330,12 @@ def qlora_forward_fused(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _qlora_fwd_kernel[grid](
         x, nf4.packed, absmax, nf4_code(x.device), xa, lora_B, bias if bias is not None else x, y,
-        M, N, K, R,
+        M, N, K, R, token_bucket(M),
         x.stride(0), x.stride(1), xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1),
         y.stride(0), y.stride(1),
         float(scaling),
         BLOCKSIZE=int(nf4.blocksize), W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_BIAS=bias is not None,
-        UPCAST=INTERPRET, BLOCK_R=_rank_block(R),
+        UPCAST=INTERPRET, BLOCK_R=rank_block(R),
     )  # fmt: skip
     return y
 
@@ -359,11 +360,11 @@ def qlora_backward_dx_fused(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _qlora_bwd_dx_kernel[grid](
         dy, nf4.packed, absmax, nf4_code(dy.device), g, lora_A, dx,
-        M, N, K, R,
+        M, N, K, R, token_bucket(M),
         dy.stride(0), dy.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
         dx.stride(0), dx.stride(1),
         float(scaling), seed, p, p_scale,
         BLOCKSIZE=int(nf4.blocksize), W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_DROPOUT=p > 0.0,
-        UPCAST=INTERPRET, BLOCK_R=_rank_block(R),
+        UPCAST=INTERPRET, BLOCK_R=rank_block(R),
     )  # fmt: skip
     return dx

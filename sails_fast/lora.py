@@ -7,15 +7,18 @@ Kernels and launchers live in `sails_fast.kernels.lora`; the plain reference in
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import nn
 
+from . import strategy as strategies
 from ._backend import resolve_backend
 from .kernels.lora_ref import lora_linear_ref
 
 Backend = Literal["auto", "triton", "torch"]
+Strategy = Literal["auto", "fused", "cublas"]
 
 
 def _draw_seed() -> int:
@@ -24,16 +27,23 @@ def _draw_seed() -> int:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """Saves x, xa [M, r] and the dropout seed; nothing of size [M, out]."""
+    """Saves x, the adapters, xa [M, r] (x's dtype) and the dropout seed; nothing of size [M, out].
+
+    `strategy` is "fused" (Triton GEMMs with the rank-r term in their epilogue) or "cublas" (torch's GEMM
+    accumulating into a buffer a Triton kernel filled with the rank-r term); the rank-r passes are the
+    same Triton kernels either way.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, strategy):
         from .kernels import lora as K
+        from .kernels.lora_rank import rank_projection
 
-        xa = K.rank_projection(x, lora_A, dropout_p, seed)
-        y = K.lora_forward(x, weight, xa, lora_B, scaling, bias)
+        xa = rank_projection(x, lora_A, dropout_p, seed)
+        forward = K.lora_forward if strategy == "fused" else K.lora_forward_cublas
+        y = forward(x, weight, xa, lora_B, scaling, bias)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.strategy = scaling, dropout_p, seed, strategy
         ctx.has_bias = bias is not None
         return y
 
@@ -43,23 +53,39 @@ class LoraLinearFunction(torch.autograd.Function):
 
         x, weight, lora_A, lora_B, xa = ctx.saved_tensors
         dy = dy.contiguous()
-        scaling, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-
-        dx = dw = da = db = dbias = None
-        g = K.rank_projection(dy, lora_B.t()) if (need_x or need_a) else None  # [M, r] = dy @ B
-        if need_x:
-            dx = K.lora_backward_dx(dy, weight, g, lora_A, scaling, p, seed)
-        if need_a:
-            da = K.lora_weight_grad(g, x, scaling, p, seed).to(lora_A.dtype)  # [r, in]
-        if need_b:
-            db = K.lora_weight_grad(dy, xa, scaling).to(lora_B.dtype)  # [out, r]
+        backward_dx = K.lora_backward_dx if ctx.strategy == "fused" else K.lora_backward_dx_cublas
+        dx, da, db = lora_input_and_adapter_grads(
+            dy, x, xa, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
+            partial(backward_dx, weight=weight),
+        )  # fmt: skip
+        dw = dbias = None
         if need_w:
             # only for a trainable base: a plain GEMM, computed in fp32 accumulation by cuBLAS
             dw = (dy.t() @ x).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0, dtype=torch.float32)
-        return dx, dw, da, db, dbias, None, None, None
+        return dx, dw, da, db, dbias, None, None, None, None
+
+
+def lora_input_and_adapter_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, needs, backward_dx):
+    """(dx, dA, dB), each None where not needed: the backward shared by the dense and the 4-bit layer.
+
+    g = dy @ B and dB come from one read of dy; dx = `backward_dx(dy, g=..., lora_A=..., ...)` (the
+    strategy's base GEMM with the rank-r term); dA = scaling * g^T @ dropout(x).
+    """
+    from .kernels.lora_rank import dy_projections, lora_weight_grad
+
+    need_x, need_a, need_b = needs
+    dx = da = db = None
+    if need_x or need_a or need_b:
+        g, db = dy_projections(dy, lora_B, xa, scaling)  # [M, r] in dy's dtype, [out, r] fp32
+        db = db.to(lora_B.dtype) if need_b else None
+        if need_x:
+            dx = backward_dx(dy, g=g, lora_A=lora_A, scaling=scaling, dropout_p=dropout_p, seed=seed)
+        if need_a:
+            da = lora_weight_grad(g, x, scaling, dropout_p, seed).to(lora_A.dtype)  # [r, in]
+    return dx, da, db
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -112,6 +138,7 @@ def lora_linear(
     *,
     backend: Backend = "auto",
     seed: int | None = None,
+    strategy: Strategy = "auto",
 ) -> torch.Tensor:
     """Fused LoRA linear, PEFT's lora.Linear math in one pass over the output:
 
@@ -128,6 +155,12 @@ def lora_linear(
         backend: "triton", "torch" (the plain reference) or "auto" (Triton for CUDA tensors or under
             TRITON_INTERPRET=1, else the reference).
         seed: dropout seed for the Triton path; drawn from torch's generator when None.
+        strategy: how the Triton path runs the two big GEMMs (x W^T forward, dy W backward): "fused"
+            (Triton GEMMs with the rank-r term in their epilogue: no extra [M, out] pass), "cublas"
+            (torch's GEMM, cuBLAS on a GPU, accumulating into a buffer a Triton kernel filled with the
+            rank-r term: one extra write of [M, out] and of [M, in]) or "auto" (the measured choice for
+            this GPU and shape in `sails_fast/strategy_table.json`, else the roofline model's; see
+            `sails_fast.strategy`). The rank-r passes, saved tensors and dropout are the same either way.
     Returns:
         [..., out] in x's dtype.
 
@@ -145,6 +178,7 @@ def lora_linear(
     validate_lora_args(x, in_features, out_features, lora_A, lora_B, bias, dropout_p, tensors)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight: dtype {weight.dtype} does not match x's dtype {x.dtype}")
+    strategies.check_strategy("lora_linear", strategy)
 
     if resolve_backend(backend, x) == "torch" or x.numel() == 0:
         return lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
@@ -154,8 +188,11 @@ def lora_linear(
     x2d = x.reshape(-1, in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
+    if strategy == "auto":
+        shape = {"M": x2d.shape[0], "K": in_features, "N": out_features, "R": lora_A.shape[0]}
+        strategy = strategies.choose("lora_linear", x.device, **shape)
     y = LoraLinearFunction.apply(
-        x2d, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed or 0
+        x2d, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed or 0, strategy
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -176,7 +213,7 @@ class FusedLoraLinear(nn.Module):
         r: adapter rank. alpha: PEFT's lora_alpha (default r, i.e. scaling 1).
         dropout: dropout on the adapter input, applied in training mode only.
         use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
-        backend: see `lora_linear`.
+        backend, strategy: see `lora_linear`.
 
     Example:
         >>> layer = FusedLoraLinear(nn.Linear(576, 1536), r=16, alpha=32)
@@ -192,6 +229,7 @@ class FusedLoraLinear(nn.Module):
         use_rslora: bool = False,
         backend: Backend = "auto",
         train_base: bool = False,
+        strategy: Strategy = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -203,7 +241,8 @@ class FusedLoraLinear(nn.Module):
         self.alpha = float(r if alpha is None else alpha)
         self.scaling = lora_scaling(r, self.alpha, use_rslora)
         self.dropout = float(dropout)
-        self.backend = backend
+        strategies.check_strategy("lora_linear", strategy)
+        self.backend, self.strategy = backend, strategy
         self.weight = base.weight
         self.bias = base.bias
         if not train_base:
@@ -223,8 +262,9 @@ class FusedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         return lora_linear(
-            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, p, backend=self.backend
-        )
+            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, p,
+            backend=self.backend, strategy=self.strategy,
+        )  # fmt: skip
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
@@ -241,5 +281,5 @@ class FusedLoraLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, strategy={self.strategy!r}"
         )

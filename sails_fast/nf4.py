@@ -8,6 +8,7 @@ plain reference in `sails_fast.kernels.nf4_ref`, which is also the CPU backend. 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import strategy as strategies
 from ._backend import resolve_backend
 from .kernels.nf4_ref import (
     NESTED_BLOCKSIZE,
@@ -24,16 +26,10 @@ from .kernels.nf4_ref import (
     qlora_linear_ref,
     quantize_nf4_ref,
 )
-from .lora import Backend, _draw_seed, lora_scaling, validate_lora_args
+from .lora import Backend, _draw_seed, lora_input_and_adapter_grads, lora_scaling, validate_lora_args
 
-Path = Literal["auto", "fused", "dequant"]
-PATHS = ("auto", "fused", "dequant")
+QLoraStrategy = Literal["auto", "fused", "dequant", "cublas"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# "auto" takes the fused kernel (W dequantised inside the GEMM) up to this many tokens, and
-# "dequantise once into a reused buffer, then the dense LoRA kernel" above it. A first estimate from
-# memory traffic (docs/nf4.md), not yet measured on a GPU: the benchmark decides.
-FUSED_MAX_TOKENS = 256
 
 
 def _check_float_dtype(name: str, dtype: torch.dtype) -> None:
@@ -274,27 +270,35 @@ def dequantize_nf4(
     return NK.dequantize(nf4, dtype)
 
 
-def select_path(M: int, N: int, K: int) -> str:
-    """The QLoRA forward path "auto" picks for x [M, K] and a weight [N, K] (see FUSED_MAX_TOKENS)."""
-    return "fused" if M <= FUSED_MAX_TOKENS else "dequant"
+def _resolve_strategy(strategy: str, path: str | None) -> str:
+    """`path` is the old name of `strategy` (before the cuBLAS strategy); it still works, with a warning."""
+    if path is not None:
+        warnings.warn("qlora: `path` is now `strategy`", DeprecationWarning, stacklevel=3)
+        if strategy != "auto":
+            raise ValueError("path: give `strategy` only (`path` is its old name)")
+        strategy = path
+    strategies.check_strategy("qlora_linear", strategy)
+    return strategy
 
 
 class QLoraLinearFunction(torch.autograd.Function):
     """Saves x, the adapters, xa [M, r] and the dropout seed; never the dequantised weight, which the
-    backward rebuilds (into the reused buffer, or tile by tile in the fused kernel)."""
+    backward rebuilds (tile by tile in the fused kernel, or into the reused buffer)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, nf4, scaling, dropout_p, seed, path):
+    def forward(ctx, x, lora_A, lora_B, bias, nf4, scaling, dropout_p, seed, strategy):
         from .kernels import lora as LK
         from .kernels import nf4 as NK
+        from .kernels.lora_rank import rank_projection
 
-        xa = LK.rank_projection(x, lora_A, dropout_p, seed)
-        if path == "fused":
+        xa = rank_projection(x, lora_A, dropout_p, seed)
+        if strategy == "fused":
             y = NK.qlora_forward_fused(x, nf4, NK.absmax_fp32(nf4), xa, lora_B, scaling, bias)
         else:
-            y = LK.lora_forward(x, NK.dequantize_to_workspace(nf4, x.dtype), xa, lora_B, scaling, bias)
+            forward = LK.lora_forward if strategy == "dequant" else LK.lora_forward_cublas
+            y = forward(x, NK.dequantize_to_workspace(nf4, x.dtype), xa, lora_B, scaling, bias)
         ctx.save_for_backward(x, lora_A, lora_B, xa)
-        ctx.nf4, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.path = nf4, scaling, dropout_p, seed, path
+        ctx.nf4, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.strategy = nf4, scaling, dropout_p, seed, strategy
         ctx.has_bias = bias is not None
         return y
 
@@ -304,24 +308,23 @@ class QLoraLinearFunction(torch.autograd.Function):
         from .kernels import nf4 as NK
 
         x, lora_A, lora_B, xa = ctx.saved_tensors
-        nf4, scaling, p, seed = ctx.nf4, ctx.scaling, ctx.dropout_p, ctx.seed
+        nf4, strategy = ctx.nf4, ctx.strategy
         dy = dy.contiguous()
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
 
-        dx = da = db = dbias = None
-        g = LK.rank_projection(dy, lora_B.t()) if (need_x or need_a) else None  # [M, r] = dy @ B
-        if need_x:
-            if ctx.path == "fused":
-                dx = NK.qlora_backward_dx_fused(dy, nf4, NK.absmax_fp32(nf4), g, lora_A, scaling, p, seed)
-            else:
-                w = NK.dequantize_to_workspace(nf4, dy.dtype)
-                dx = LK.lora_backward_dx(dy, w, g, lora_A, scaling, p, seed)
-        if need_a:
-            da = LK.lora_weight_grad(g, x, scaling, p, seed).to(lora_A.dtype)  # [r, in]
-        if need_b:
-            db = LK.lora_weight_grad(dy, xa, scaling).to(lora_B.dtype)  # [out, r]
-        if need_bias and ctx.has_bias:
-            dbias = dy.sum(0, dtype=torch.float32)
+        def backward_dx(dy, **kw):
+            if strategy == "fused":
+                return NK.qlora_backward_dx_fused(dy, nf4, NK.absmax_fp32(nf4), **kw)
+            weight = NK.dequantize_to_workspace(nf4, dy.dtype)
+            return (LK.lora_backward_dx if strategy == "dequant" else LK.lora_backward_dx_cublas)(
+                dy, weight, **kw
+            )
+
+        dx, da, db = lora_input_and_adapter_grads(
+            dy, x, xa, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed,
+            (need_x, need_a, need_b), backward_dx,
+        )  # fmt: skip
+        dbias = dy.sum(0, dtype=torch.float32) if need_bias and ctx.has_bias else None
         return dx, da, db, dbias, None, None, None, None, None
 
 
@@ -336,7 +339,8 @@ def qlora_linear(
     *,
     backend: Backend = "auto",
     seed: int | None = None,
-    path: Path = "auto",
+    strategy: QLoraStrategy = "auto",
+    path: str | None = None,
 ) -> torch.Tensor:
     """QLoRA linear: PEFT's lora.bnb.Linear4bit math with the frozen base in NF4.
 
@@ -354,8 +358,11 @@ def qlora_linear(
         backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors or under
             TRITON_INTERPRET=1, else the reference).
         seed: dropout seed of the Triton path; drawn from torch's generator when None.
-        path: "fused" (W dequantised inside the GEMM), "dequant" (W dequantised once into a reused buffer,
-            then the dense LoRA kernel) or "auto" (`select_path`). Both give the same W.
+        strategy: "fused" (W dequantised tile by tile inside the Triton GEMMs), "dequant" (W dequantised
+            once into a reused buffer, then the fused dense LoRA kernels), "cublas" (dequantised once,
+            then torch's GEMM accumulating into the buffer a Triton kernel filled with the rank-r term)
+            or "auto" (measured table, else the roofline model: `sails_fast.strategy`). All give the
+            same W. `path` is the old name of this argument.
     Returns:
         [..., out] in x's dtype.
 
@@ -375,8 +382,7 @@ def qlora_linear(
     _check_float_dtype("x", x.dtype)
     if nf4.device != x.device:
         raise ValueError(f"nf4: on {nf4.device}, but x is on {x.device}; move it with nf4.to(device)")
-    if path not in PATHS:
-        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    strategy = _resolve_strategy(strategy, path)
 
     if resolve_backend(backend, x, nf4.packed) == "torch" or x.numel() == 0:
         return qlora_linear_ref(x, nf4, lora_A, lora_B, scaling, bias, dropout_p)
@@ -386,9 +392,11 @@ def qlora_linear(
     x2d = x.reshape(-1, in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    chosen = select_path(x2d.shape[0], out_features, in_features) if path == "auto" else path
+    if strategy == "auto":
+        shape = {"M": x2d.shape[0], "K": in_features, "N": out_features, "R": lora_A.shape[0]}
+        strategy = strategies.choose("qlora_linear", x.device, **shape)
     y = QLoraLinearFunction.apply(
-        x2d, lora_A, lora_B, bias, nf4, float(scaling), float(dropout_p), seed or 0, chosen
+        x2d, lora_A, lora_B, bias, nf4, float(scaling), float(dropout_p), seed or 0, strategy
     )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -408,7 +416,7 @@ class NF4LoraLinear(nn.Module):
         bias: [out] or None; frozen.
         r: adapter rank (0: no adapter). alpha: PEFT's lora_alpha (default r). dropout: adapter dropout
             (training mode only). use_rslora: scaling alpha / sqrt(r).
-        backend, path: see `qlora_linear`.
+        backend, strategy: see `qlora_linear` (`path`: the old name of `strategy`).
         adapter_dtype: dtype of lora_A / lora_B (default: the weight's original dtype).
 
     Example:
@@ -425,8 +433,9 @@ class NF4LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         backend: Backend = "auto",
-        path: Path = "auto",
+        strategy: QLoraStrategy = "auto",
         adapter_dtype: torch.dtype | None = None,
+        path: str | None = None,
     ) -> None:
         super().__init__()
         _check_nf4(nf4)
@@ -436,8 +445,7 @@ class NF4LoraLinear(nn.Module):
             raise ValueError(f"r: expected a non-negative int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
-        if path not in PATHS:
-            raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+        strategy = _resolve_strategy(strategy, path)
         self.out_features, self.in_features = nf4.shape
         self.weight_shape, self.weight_dtype = nf4.shape, nf4.dtype
         self.blocksize, self.nested_blocksize = nf4.blocksize, nf4.nested_blocksize
@@ -453,7 +461,7 @@ class NF4LoraLinear(nn.Module):
         self.alpha = float(r if alpha is None else alpha)
         self.scaling = lora_scaling(r, self.alpha, use_rslora) if r > 0 else 0.0
         self.dropout = float(dropout)
-        self.backend, self.path = backend, path
+        self.backend, self.strategy = backend, strategy
         factory = {"device": nf4.device, "dtype": adapter_dtype or nf4.dtype}
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -504,15 +512,16 @@ class NF4LoraLinear(nn.Module):
             lora_B = x.new_zeros(self.out_features, 0)
         p = self.dropout if (self.training and self.r > 0) else 0.0
         return qlora_linear(
-            x, self.nf4, lora_A, lora_B, self.scaling, self.bias, p, backend=self.backend, path=self.path
-        )
+            x, self.nf4, lora_A, lora_B, self.scaling, self.bias, p,
+            backend=self.backend, strategy=self.strategy,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
             f"blocksize={self.blocksize}, double_quant={self.weight_nested_absmax is not None}, "
-            f"backend={self.backend!r}, path={self.path!r}"
+            f"backend={self.backend!r}, strategy={self.strategy!r}"
         )
 
 
@@ -533,7 +542,7 @@ def quantize_model_nf4(
     blocksize: int = 64,
     double_quant: bool = True,
     backend: Backend = "auto",
-    path: Path = "auto",
+    strategy: QLoraStrategy = "auto",
     skip_modules: Iterable[str] = ("lm_head",),
 ) -> list[str]:
     """Swap nn.Linear layers of `model` for NF4LoraLinear in place (the 4-bit path without bitsandbytes).
@@ -544,7 +553,7 @@ def quantize_model_nf4(
             nn.Linear except those whose last name is in `skip_modules` (the output head, by default).
         r, alpha, dropout: adapter of each new layer (r = 0: frozen 4-bit linears, no adapter).
         blocksize, double_quant: NF4 format, as in `quantize_nf4`.
-        backend, path: see `qlora_linear`.
+        backend, strategy: see `qlora_linear`.
     Returns:
         The names of the swapped modules.
 
@@ -561,7 +570,7 @@ def quantize_model_nf4(
                 continue
             layer = NF4LoraLinear.from_linear(
                 child, r, blocksize=blocksize, double_quant=double_quant,
-                alpha=alpha, dropout=dropout, backend=backend, path=path,
+                alpha=alpha, dropout=dropout, backend=backend, strategy=strategy,
             )  # fmt: skip
             setattr(parent, child_name, layer)
             swapped.append(name)

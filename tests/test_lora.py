@@ -11,6 +11,8 @@ from sails_fast import FusedLoraLinear, lora_linear
 from sails_fast.kernels.lora_ref import lora_linear_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# both strategies run the same reference and oracle tests (the "cublas" GEMM is torch's: CPU here)
+STRATEGIES = ["fused", "cublas"]
 # (leading dims of x, in, out, r): tiny odd, the real widths 576 and 2304, not a block multiple, 3-D
 SHAPES = {
     "tiny_odd": ((5,), 7, 11, 3),
@@ -39,11 +41,12 @@ def run_with_grads(fn, x, w, a, b, bias, dy, **kw):
     return y, gx, ga, gb
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_and_grads_match_reference(shape, dtype, bias, dropout_p, kernel_device):
+def test_forward_and_grads_match_reference(shape, dtype, bias, dropout_p, strategy, kernel_device):
     from sails_fast.kernels.lora import lora_dropout_mask
 
     lead, k, n, r = SHAPES[shape]
@@ -55,7 +58,9 @@ def test_forward_and_grads_match_reference(shape, dtype, bias, dropout_p, kernel
         m = x.numel() // k
         mask = lora_dropout_mask((m, k), dropout_p, seed, kernel_device).reshape(x.shape).cpu()
 
-    ours = run_with_grads(lora_linear, x, w, a, b, bvec, dy, dropout_p=dropout_p, backend="triton", seed=seed)
+    ours = run_with_grads(
+        lora_linear, x, w, a, b, bvec, dy, dropout_p=dropout_p, backend="triton", seed=seed, strategy=strategy
+    )
     f32 = lambda t: None if t is None else t.detach().cpu().float()
     ref32 = run_with_grads(
         lora_linear_ref, *map(f32, (x, w, a, b, bvec, dy)), dropout_p=dropout_p, dropout_mask=mask
@@ -163,9 +168,10 @@ def _peft_linear(base: nn.Linear, r: int, alpha: int, dropout: float, a: torch.T
     return layer
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_peft_lora_linear(dtype, dropout_p, kernel_device):
+def test_matches_peft_lora_linear(dtype, dropout_p, strategy, kernel_device):
     """External oracle: PEFT's lora.Linear with the same weights (and our dropout mask)."""
     from sails_fast.kernels.lora import lora_dropout_mask
 
@@ -197,7 +203,9 @@ def test_matches_peft_lora_linear(dtype, dropout_p, kernel_device):
     ref32, ref_lo = peft_run(torch.float32), peft_run(dtype)
     dev = lambda t: t.to(kernel_device, dtype)
     xx, aa, bb = (dev(t).requires_grad_() for t in (x, a, b))
-    y = lora_linear(xx, dev(w), aa, bb, alpha / r, dev(bias), dropout_p, backend="triton", seed=seed)
+    y = lora_linear(
+        xx, dev(w), aa, bb, alpha / r, dev(bias), dropout_p, backend="triton", seed=seed, strategy=strategy
+    )
     ours = (y, *torch.autograd.grad(y, (xx, aa, bb), dev(dy)))
     for name, o, r32, rlo in zip(("y", "dx", "dA", "dB"), ours, ref32, ref_lo, strict=True):
         assert_close(f"peft/{name}", o, r32, rlo, dtype)
@@ -234,6 +242,7 @@ BAD_INPUTS = [
     ("dropout_p", dict(dropout_p=-0.1)),
     ("weight", dict(weight=torch.randn(6, 8, dtype=torch.float64))),
     ("backend", dict(backend="cuda")),
+    ("strategy", dict(strategy="chunked")),
 ]
 
 
@@ -246,9 +255,8 @@ def test_bad_input_names_the_argument(arg, override):
         scaling=1.0, bias=torch.randn(6), dropout_p=0.0, backend="auto",
     )  # fmt: skip
     args.update(override)
-    backend = args.pop("backend")
     with pytest.raises(ValueError, match=arg):
-        lora_linear(**args, backend=backend)
+        lora_linear(**args)
 
 
 def test_tensors_on_different_devices_are_refused():

@@ -25,7 +25,7 @@ needs_bnb = pytest.mark.skipif(
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PATHS = ["fused", "dequant"]
+PATHS = ["fused", "dequant", "cublas"]
 # (leading dims of x, in, out, r, blocksize): tiny odd (an odd element count), a real width, not a
 # multiple of the block, 3-D input
 SHAPES = {
@@ -83,7 +83,7 @@ def test_forward_and_grads_match_reference(shape, dtype, path, kernel_device):
     lead, k, n, r, bs = SHAPES[shape]
     x, nf4, a, b, bias = make_inputs(lead, k, n, r, bs, dtype, kernel_device)
     dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(1)).to(kernel_device, dtype)
-    check_against_reference(x, nf4, a, b, bias, dy, dtype, tag=f"{shape}/{path}", path=path)
+    check_against_reference(x, nf4, a, b, bias, dy, dtype, tag=f"{shape}/{path}", strategy=path)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -97,7 +97,7 @@ def test_dropout_and_no_bias(dtype, path, kernel_device):
     dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(2)).to(kernel_device, dtype)
     seed, p = 4321, 0.3
     mask = lora_dropout_mask((37, k), p, seed, kernel_device).cpu()
-    check_against_reference(x, nf4, a, b, None, dy, dtype, p, mask, tag=path, path=path, seed=seed)
+    check_against_reference(x, nf4, a, b, None, dy, dtype, p, mask, tag=path, strategy=path, seed=seed)
 
 
 @pytest.mark.parametrize("compute", [torch.float32, torch.float16], ids=str)
@@ -108,7 +108,7 @@ def test_weight_rounded_to_its_stored_dtype_first(compute, kernel_device):
     assert nf4.dtype == torch.bfloat16
     expected_w = dequantize_nf4(nf4.to("cpu"), torch.bfloat16, backend="torch").to(compute)
     for path in PATHS:
-        y = qlora_linear(x, nf4, a, b, 0.0, None, backend="triton", path=path)
+        y = qlora_linear(x, nf4, a, b, 0.0, None, backend="triton", strategy=path)
         ref = x.cpu().float() @ expected_w.float().T
         lowp = x.cpu() @ expected_w.T
         assert_close(path, y, ref, lowp, compute)
@@ -120,7 +120,7 @@ def test_backward_keeps_no_dequantised_weight(kernel_device):
     for path in PATHS:
         x, nf4, a, b, bias = make_inputs(lead, k, n, r, bs, torch.float32, kernel_device)
         a.requires_grad_()
-        y = qlora_linear(x.requires_grad_(), nf4, a, b, 1.0, bias, backend="triton", path=path)
+        y = qlora_linear(x.requires_grad_(), nf4, a, b, 1.0, bias, backend="triton", strategy=path)
         node = y.grad_fn
         while "QLoraLinearFunction" not in type(node).__name__:
             node = node.next_functions[0][0]
@@ -148,22 +148,31 @@ def test_reused_buffer_between_layers(kernel_device):
         grads = torch.autograd.grad(out.square().sum(), [h, *[p for ab in params for p in ab]])
         return out, grads
 
-    out, grads = run(qlora_linear, kernel_device, backend="triton", path="dequant")
+    out, grads = run(qlora_linear, kernel_device, backend="triton", strategy="dequant")
     ref_out, ref_grads = run(qlora_linear_ref, "cpu")
     assert_close("out", out, ref_out)
     for i, (gr, rr) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_close(f"grad{i}", gr, rr)
 
 
-def test_auto_path_picks_by_token_count(kernel_device):
-    from sails_fast import nf4 as nf4_mod
+def test_auto_runs_the_strategy_the_table_or_roofline_picks(kernel_device):
+    from sails_fast import strategy
 
-    assert nf4_mod.select_path(16, 4096, 4096) == "fused"
-    assert nf4_mod.select_path(8192, 4096, 4096) == "dequant"
     x, nf4, a, b, bias = make_inputs((20,), 64, 48, 4, 64, torch.float32, kernel_device)
+    chosen = strategy.choose("qlora_linear", x.device, M=20, K=64, N=48, R=4)
     y_auto = qlora_linear(x, nf4, a, b, 1.0, bias, backend="triton")
-    y_fused = qlora_linear(x, nf4, a, b, 1.0, bias, backend="triton", path="fused")
-    assert torch.equal(y_auto, y_fused)
+    y_chosen = qlora_linear(x, nf4, a, b, 1.0, bias, backend="triton", strategy=chosen)
+    assert torch.equal(y_auto, y_chosen)
+
+
+def test_path_is_the_old_name_of_strategy(kernel_device):
+    x, nf4, a, b, bias = make_inputs((6,), 64, 48, 4, 64, torch.float32, kernel_device)
+    with pytest.warns(DeprecationWarning, match="strategy"):
+        y_path = qlora_linear(x, nf4, a, b, 1.0, bias, backend="triton", path="dequant")
+    y_strategy = qlora_linear(x, nf4, a, b, 1.0, bias, backend="triton", strategy="dequant")
+    assert torch.equal(y_path, y_strategy)
+    with pytest.raises(ValueError, match="^path:"), pytest.warns(DeprecationWarning):
+        qlora_linear(x, nf4, a, b, 1.0, bias, path="dequant", strategy="fused")
 
 
 def test_torch_backend_is_the_reference():
@@ -414,8 +423,8 @@ def test_bad_input_names_the_argument(arg, override):
         qlora_linear(**_args(**override))
 
 
-def test_bad_path_and_backend():
-    with pytest.raises(ValueError, match="path"):
-        qlora_linear(**_args(), path="cublas")
+def test_bad_strategy_and_backend():
+    with pytest.raises(ValueError, match="^strategy:"):
+        qlora_linear(**_args(), strategy="chunked")
     with pytest.raises(ValueError, match="backend"):
         qlora_linear(**_args(), backend="cuda")

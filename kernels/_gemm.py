@@ -1,0 +1,131 @@
+"""Tile configs and the program-to-tile map shared by the GEMM-shaped kernels (dense LoRA and NF4).
+
+Configs are listed once per kernel family and pruned per launch by `_triton.gemm_pruner`: tiles much
+larger than the problem go, and so do tiles whose pipelined operand buffers exceed the shared memory of
+the GPU the launch is on (an RTX 3090/4090 allows 99 KB per block, an A100 163 KB, an H100 227 KB).
+benchmarks/kernel_audit.py compiles every config each GPU keeps and records registers, spills, shared
+memory, pipelining and wgmma use; its default-tier test fails when a kept bf16/fp16 config spills or
+overflows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton import gemm_pruner, pipeline_smem_bytes
+
+# (rows, output width, reduction block, warps, stages) for a 16-bit GEMM with a rank-r epilogue. The
+# first three need a data-centre part's shared memory (131-147 KB at bf16); the rest fit a consumer
+# GPU's 99 KB.
+_MATMUL_ROWS = [
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+]
+# fp32 operands take full-precision FMA dots (no tensor cores): small tiles, few stages
+_MATMUL_ROWS_FP32 = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)]
+INTERPRET_MATMUL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8})
+
+
+def config_key(config: triton.Config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def _build(rows, out_block: str, reduce_block: str) -> list[triton.Config]:
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, out_block: width, reduce_block: red, "GROUP_M": 8}, num_warps=w, num_stages=s
+        )
+        for bm, width, red, w, s in rows
+    ]
+
+
+def matmul_configs(out_block: str = "BLOCK_N", reduce_block: str = "BLOCK_K") -> list[triton.Config]:
+    """Every config a dense GEMM kernel may tune over (16-bit list, then fp32 list); `matmul_pruner`
+    keeps those right for a launch. The forward's output width is BLOCK_N and its reduction BLOCK_K; dx
+    swaps the two roles, so the same rows give it the same tile shapes."""
+    return _build(_MATMUL_ROWS, out_block, reduce_block) + _build(_MATMUL_ROWS_FP32, out_block, reduce_block)
+
+
+# the fused NF4 GEMMs dequantise the weight tile in registers and store it to shared memory for the dot,
+# and hold the gathers' indices in registers: tiles stay at or below 128 x 128
+_NF4_ROWS = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (128, 128, 32, 8, 4),
+    (32, 64, 64, 4, 3),
+]
+
+
+def nf4_matmul_configs(out_block: str = "BLOCK_N", reduce_block: str = "BLOCK_K") -> list[triton.Config]:
+    """The fused NF4 GEMMs' configs (16-bit, then fp32), in the roles of `matmul_configs`."""
+    return _build(_NF4_ROWS, out_block, reduce_block) + _build(_MATMUL_ROWS_FP32, out_block, reduce_block)
+
+
+_FP32_KEYS = {
+    config_key(c)
+    for roles in (("BLOCK_N", "BLOCK_K"), ("BLOCK_K", "BLOCK_N"))
+    for c in _build(_MATMUL_ROWS_FP32, *roles)
+}
+
+
+def _pruner(reduce_block: str, operand_arg: str, out_block: str, smem_bytes):
+    out_size = "N" if out_block == "BLOCK_N" else "K"
+    by_size_and_smem = gemm_pruner({"BLOCK_M": "M_BUCKET", out_block: out_size}, smem_bytes, operand_arg)
+
+    def prune(configs, named_args):
+        wide = named_args[operand_arg].element_size() == 4
+        pool = [c for c in configs if (config_key(c) in _FP32_KEYS) == wide]
+        return by_size_and_smem(pool or configs, named_args)
+
+    return prune
+
+
+def matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N"):
+    """Pruning for the dense fused GEMM kernels: by the launch's dtype (16-bit or fp32 config list), by
+    size (M bucket, and the output width `out_block` against N or K), and by the target's shared memory
+    (num_stages buffers of the activation and weight tiles). `reduce_block` is the block of the reduction
+    dimension (BLOCK_K in the forward, BLOCK_N in dx)."""
+
+    def smem(config, args):
+        e = args[operand_arg].element_size()
+        return pipeline_smem_bytes(config, (("BLOCK_M", reduce_block, e), (reduce_block, out_block, e)), args)
+
+    return _pruner(reduce_block, operand_arg, out_block, smem)
+
+
+def nf4_matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N"):
+    """`matmul_pruner` for the fused NF4 GEMMs: per stage the activation tile and the packed codes (half a
+    byte per weight), plus the dequantised weight tile, once, in the activation dtype."""
+
+    def smem(config, args):
+        e = args[operand_arg].element_size()
+        tiles = (("BLOCK_M", reduce_block, e), (reduce_block, out_block, 0.5))
+        return (
+            pipeline_smem_bytes(config, tiles, args)
+            + config.kwargs[reduce_block] * config.kwargs[out_block] * e
+        )
+
+    return _pruner(reduce_block, operand_arg, out_block, smem)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map the 1-D program id to an (m, n) tile, walking GROUP_M row-tiles at a time for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    i_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    i_n = (pid % num_pid_in_group) // group_size_m
+    return i_m.to(tl.int64), i_n.to(tl.int64)
