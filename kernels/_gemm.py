@@ -28,7 +28,7 @@ _MATMUL_ROWS = [
     (64, 64, 64, 4, 3),
 ]
 # fp32 operands take full-precision FMA dots (no tensor cores): small tiles, few stages
-_MATMUL_ROWS_FP32 = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)]
+_MATMUL_ROWS_FP32 = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3)]
 INTERPRET_MATMUL_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8})
 
 
@@ -52,21 +52,36 @@ def matmul_configs(out_block: str = "BLOCK_N", reduce_block: str = "BLOCK_K") ->
     return _build(_MATMUL_ROWS, out_block, reduce_block) + _build(_MATMUL_ROWS_FP32, out_block, reduce_block)
 
 
-# the fused NF4 GEMMs dequantise the weight tile in registers and store it to shared memory for the dot,
-# and hold the gathers' indices in registers: tiles stay at or below 128 x 128
-_NF4_ROWS = [
+# The fused NF4 GEMMs dequantise the weight tile in registers and store it to shared memory for the dot.
+# A weight row's tile is a dense byte load with one scale when the tile's extent along K (the forward's
+# reduction block, dx's output block) is at most the quantisation block (64 by default): listed first, and
+# all that `nf4_matmul_pruner` keeps for such launches. The last rows gather per element (odd K).
+_NF4_FWD_ROWS = [
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 3),
-    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 3),
     (64, 64, 64, 4, 3),
     (128, 128, 32, 8, 4),
-    (32, 64, 64, 4, 3),
+    (64, 64, 32, 4, 2),
 ]
+_NF4_DX_ROWS = [
+    (128, 64, 128, 8, 3),
+    (128, 64, 64, 8, 3),
+    (64, 64, 128, 4, 3),
+    (64, 64, 64, 4, 3),
+    (128, 32, 128, 4, 3),
+    (64, 64, 32, 4, 2),
+]
+_NF4_GATHER_ROW = (64, 64, 32, 4, 2)
+# under the interpreter: a 64-wide weight-row tile, so the dense byte-tile path runs at the default
+# quantisation block of 64 (wider tiles would leave only the gather path tested)
+INTERPRET_NF4_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8})
 
 
 def nf4_matmul_configs(out_block: str = "BLOCK_N", reduce_block: str = "BLOCK_K") -> list[triton.Config]:
     """The fused NF4 GEMMs' configs (16-bit, then fp32), in the roles of `matmul_configs`."""
-    return _build(_NF4_ROWS, out_block, reduce_block) + _build(_MATMUL_ROWS_FP32, out_block, reduce_block)
+    rows = _NF4_FWD_ROWS if out_block == "BLOCK_N" else _NF4_DX_ROWS
+    return _build(rows, out_block, reduce_block) + _build(_MATMUL_ROWS_FP32, out_block, reduce_block)
 
 
 _FP32_KEYS = {
@@ -96,24 +111,47 @@ def matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N
 
     def smem(config, args):
         e = args[operand_arg].element_size()
-        return pipeline_smem_bytes(config, (("BLOCK_M", reduce_block, e), (reduce_block, out_block, e)), args)
+        tiles = (("BLOCK_M", reduce_block, e), (reduce_block, out_block, e))
+        return pipeline_smem_bytes(config, tiles, args) + _rank_operand_bytes(config, args, out_block, e)
 
     return _pruner(reduce_block, operand_arg, out_block, smem)
 
 
+def _rank_operand_bytes(config: triton.Config, args: dict, out_block: str, elem: int) -> int:
+    """The rank-r term's two operand tiles ([BLOCK_M, R] and [R, width]), staged once in shared memory."""
+    k = config.kwargs
+    return (k["BLOCK_M"] + k[out_block]) * args["BLOCK_R"] * elem
+
+
 def nf4_matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N"):
-    """`matmul_pruner` for the fused NF4 GEMMs: per stage the activation tile and the packed codes (half a
-    byte per weight), plus the dequantised weight tile, once, in the activation dtype."""
+    """`matmul_pruner` for the fused NF4 GEMMs. Shared memory: per stage the activation tile and the
+    packed codes (half a byte per weight), plus the dequantised weight tile, once, in the activation
+    dtype. Row-aligned launches keep only tiles that take the dense byte-tile path; the others only the
+    small gather tile."""
+    row_block = reduce_block if out_block == "BLOCK_N" else out_block
 
     def smem(config, args):
         e = args[operand_arg].element_size()
         tiles = (("BLOCK_M", reduce_block, e), (reduce_block, out_block, 0.5))
+        dequantised = config.kwargs[reduce_block] * config.kwargs[out_block] * e
         return (
             pipeline_smem_bytes(config, tiles, args)
-            + config.kwargs[reduce_block] * config.kwargs[out_block] * e
+            + dequantised
+            + _rank_operand_bytes(config, args, out_block, e)
         )
 
-    return _pruner(reduce_block, operand_arg, out_block, smem)
+    gather_key = config_key(_build([_NF4_GATHER_ROW], out_block, reduce_block)[0])
+    by_dtype_size_smem = _pruner(reduce_block, operand_arg, out_block, smem)
+
+    def prune(configs, args):
+        if args["ROW_ALIGNED"]:
+            dense = [c for c in configs if c.kwargs[row_block] <= args["BLOCKSIZE"]]
+            configs = dense or configs
+        else:
+            configs = [c for c in configs if config_key(c) == gather_key] or configs
+        return by_dtype_size_smem(configs, args)
+
+    return prune
 
 
 @triton.jit

@@ -283,6 +283,38 @@ def low_rank_tile(
     return dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)
 
 
+@triton.jit
+def keep_mask(seed, o_m, o_k, K, dropout_p):
+    """Dropout keep-mask for the [len(o_m), len(o_k)] tile of an [M, K] tensor, from Philox."""
+    o_flat = (o_m[:, None] * K + o_k[None, :]).to(tl.int32)
+    return tl.rand(seed, o_flat) >= dropout_p
+
+
+@triton.jit
+def low_rank_term(
+    left_ptr, right_ptr, bias_ptr, o_rows, o_cols, o_r, m_rows, m_cols, m_r,
+    stride_left_row, stride_left_r, stride_right_r, stride_right_col,
+    scaling, seed, dropout_p, dropout_scale, N_COLS,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):  # fmt: skip
+    """scaling * dropout'(left @ right) + bias for one [BLOCK_ROWS, BLOCK_COLS] tile, fp32.
+
+    The GEMM kernels start their accumulator from this tile and run the main loop on top of it, so the
+    rank-r term never needs a second [BLOCK_ROWS, BLOCK_COLS] register tile (which spilled the large
+    tiles). The dropout keep-mask is that of an [rows, N_COLS] input (dx of the backward).
+    """
+    b_term = low_rank_tile(left_ptr, right_ptr, o_rows, o_cols, o_r, m_rows, m_cols, m_r,
+                           stride_left_row, stride_left_r, stride_right_r, stride_right_col,
+                           COMPUTE_DTYPE, UPCAST, BLOCK_ROWS, BLOCK_COLS)  # fmt: skip
+    if HAS_DROPOUT:
+        b_term = tl.where(keep_mask(seed, o_rows, o_cols, N_COLS, dropout_p), b_term * dropout_scale, 0.0)
+    b_term = scaling * b_term
+    if HAS_BIAS:
+        b_term += tl.load(bias_ptr + o_cols, mask=m_cols, other=0.0).to(tl.float32)[None, :]
+    return b_term
+
+
 def check_gpu_dot_width(name: str, size: int) -> None:
     """tl.dot needs an inner dimension of at least 16 on a GPU (the interpreter accepts less)."""
     if size < 16:

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ._gemm import INTERPRET_MATMUL_CONFIG, grouped_tile, matmul_configs, matmul_pruner
-from ._triton import INTERPRET, autotune, dot, empty, low_rank_tile, round_to, token_bucket
-from .lora_rank import check_dropout_size, dropout_args, keep_mask, low_rank_fill, rank_block
+from ._triton import INTERPRET, autotune, dot, empty, keep_mask, low_rank_term, round_to, token_bucket
+from .lora_rank import check_dropout_size, dropout_args, low_rank_fill, rank_block
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _lora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """y[M, N] = x @ W^T + scaling * xa @ B^T + bias, the low-rank term added in the epilogue.
+    """y[M, N] = x @ W^T + scaling * xa @ B^T + bias, the low-rank term the accumulator starts from.
 
     M_BUCKET (the token count's power-of-two bucket) is only the autotune key.
     """
@@ -67,7 +67,11 @@ def _lora_fwd_kernel(
     m_r = o_r < R
     compute_dtype = x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the accumulator starts as the rank-r term and bias, so they need no second register tile; the
+    # adapter output is rounded to the activation dtype first, as PEFT's lora_A output is
+    acc = low_rank_term(xa_ptr, b_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
+                        stride_xam, stride_xar, stride_br, stride_bn, scaling, 0, 0.0, 1.0, N,
+                        HAS_BIAS, False, compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -83,14 +87,6 @@ def _lora_fwd_kernel(
         )  # [BLOCK_K, BLOCK_N]
         acc = dot(b_x, b_wt, acc, UPCAST)
 
-    # epilogue: the adapter output is rounded to the activation dtype, as PEFT's lora_A output is
-    b_lora = low_rank_tile(xa_ptr, b_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
-                           stride_xam, stride_xar, stride_br, stride_bn,
-                           compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
-    acc += scaling * b_lora
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        acc += b_bias[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
              round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
@@ -112,7 +108,7 @@ def _lora_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """dx[M, K] = dy @ W + scaling * dropout'(g @ A), the low-rank term added in the epilogue.
+    """dx[M, K] = dy @ W + scaling * dropout'(g @ A), the low-rank term the accumulator starts from.
 
     The tile walk is over (M, K) with the reduction over N, so BLOCK_N is the inner block here.
     """
@@ -125,7 +121,12 @@ def _lora_bwd_dx_kernel(
     m_r = o_r < R
     compute_dtype = dy_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # the accumulator starts as the rank-r term, with the forward's dropout keep-mask regenerated from
+    # the seed, so it needs no second register tile
+    acc = low_rank_term(g_ptr, a_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
+                        stride_gm, stride_gr, stride_ar, stride_ak,
+                        scaling, seed, dropout_p, dropout_scale, K,
+                        False, HAS_DROPOUT, compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -141,14 +142,6 @@ def _lora_bwd_dx_kernel(
         )  # [BLOCK_N, BLOCK_K]
         acc = dot(b_dy, b_w, acc, UPCAST)
 
-    b_lora = low_rank_tile(g_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
-                           stride_gm, stride_gr, stride_ar, stride_ak,
-                           compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
-    if HAS_DROPOUT:
-        # the same keep-mask the forward drew, regenerated from the seed
-        b_keep = keep_mask(seed, o_m, o_k, K, dropout_p)
-        b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
-    acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
              round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
 

@@ -24,7 +24,8 @@ from ._triton import (
     dot,
     empty,
     gemm_pruner,
-    low_rank_tile,
+    keep_mask,
+    low_rank_term,
     next_power_of_2,
     pipeline_smem_bytes,
     round_to,
@@ -35,20 +36,23 @@ from ._triton import (
 # the Philox offset of element (m, k) is m * K + k in int32: tensors past this need a wider scheme
 MAX_DROPOUT_ELEMENTS = 2**31 - 1
 
+# BLOCK_M is the MMA's M dimension: at least 64 so Hopper uses a warpgroup MMA
 _PROJ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (32, 256, 4, 4)]
+    for bm, bk, w, s in [(64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 4)]
 ]
 _INTERPRET_PROJ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 256})
 
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
+    for bm, w, s in [(64, 4, 4), (32, 4, 4), (64, 8, 3)]
 ]
 _INTERPRET_WGRAD_CONFIG = triton.Config({"BLOCK_M": 128})
 
 # tiles of the fixed-config kernels (GPU, interpreter); the audit compiles both for every target
 DY_PROJECTION_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+# fp32 dots run on FMA units with register operands: a smaller tile keeps them clear of spills
+DY_PROJECTION_BLOCKS_FP32 = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 _INTERPRET_DY_PROJECTION_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 4, "num_stages": 1}
 FILL_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4}
 _INTERPRET_FILL_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 4}
@@ -73,11 +77,21 @@ def dropout_args(dropout_p: float) -> tuple[float, float]:
     return float(dropout_p), (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
-@triton.jit
-def keep_mask(seed, o_m, o_k, K, dropout_p):
-    """Dropout keep-mask for the [len(o_m), len(o_k)] tile of an [M, K] tensor, from Philox."""
-    o_flat = (o_m[:, None] * K + o_k[None, :]).to(tl.int32)
-    return tl.rand(seed, o_flat) >= dropout_p
+def _small_tiles_for_fp32(prune, operand_arg: str, blocks: tuple[str, str], limit: int = 4096):
+    """fp32 operands take full-precision FMA dots, whose operands live in registers: only tiles of at
+    most `limit` elements stay clear of spills (benchmarks/kernel_audit.py records them)."""
+
+    def pruned(configs, args):
+        if args[operand_arg].element_size() == 4:
+            small = [
+                c
+                for c in configs
+                if {**args, **c.kwargs}[blocks[0]] * {**args, **c.kwargs}[blocks[1]] <= limit
+            ]
+            configs = small or configs
+        return prune(configs, args)
+
+    return pruned
 
 
 def _rank_pruner():
@@ -85,7 +99,8 @@ def _rank_pruner():
         e = args["x_ptr"].element_size()
         return pipeline_smem_bytes(config, (("BLOCK_M", "BLOCK_K", e), ("BLOCK_K", "BLOCK_R", e)), args)
 
-    return gemm_pruner({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"}, smem, "x_ptr")
+    prune = gemm_pruner({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"}, smem, "x_ptr")
+    return _small_tiles_for_fp32(prune, "x_ptr", ("BLOCK_M", "BLOCK_K"))
 
 
 def _weight_grad_pruner():
@@ -94,7 +109,8 @@ def _weight_grad_pruner():
         tiles = (("BLOCK_P", "BLOCK_M", args["l_ptr"].element_size()), ("BLOCK_M", "BLOCK_Q", e))
         return pipeline_smem_bytes(config, tiles, args)
 
-    return gemm_pruner({"BLOCK_M": "M_BUCKET"}, smem, "r_ptr")
+    prune = gemm_pruner({"BLOCK_M": "M_BUCKET"}, smem, "r_ptr")
+    return _small_tiles_for_fp32(prune, "r_ptr", ("BLOCK_M", "BLOCK_Q"))
 
 
 @autotune(
@@ -229,15 +245,17 @@ def _weight_grad_kernel(
     m_begin = i_s * rows_per_split
     m_end = tl.minimum(M, m_begin + rows_per_split)
 
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    # out^T = R^T @ L: the wide side (Q) is the MMA's M dimension, so Hopper can use a warpgroup MMA
+    # (its M is at least 64) while the rank side (P, 16 and up) is N
+    acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < m_end
-        b_lt = tl.load(
-            l_ptr + o_p[:, None] * stride_lp + o_m[None, :] * stride_lm,
-            mask=m_p[:, None] & m_m[None, :],
+        b_l = tl.load(
+            l_ptr + o_m[:, None] * stride_lm + o_p[None, :] * stride_lp,
+            mask=m_m[:, None] & m_p[None, :],
             other=0.0,
-        )  # [BLOCK_P, BLOCK_M]
+        )  # [BLOCK_M, BLOCK_P]
         b_r = tl.load(
             r_ptr + o_m[:, None] * stride_rm + o_q[None, :] * stride_rq,
             mask=m_m[:, None] & m_q[None, :],
@@ -246,9 +264,9 @@ def _weight_grad_kernel(
         if HAS_DROPOUT:
             b_keep = keep_mask(seed, o_m, o_q, Q, dropout_p)
             b_r = tl.where(b_keep, b_r.to(tl.float32) * dropout_scale, 0.0).to(compute_dtype)
-        acc = dot(b_lt.to(compute_dtype), b_r, acc, UPCAST)
-    tl.store(out_ptr + i_s * stride_os + o_p[:, None] * stride_op + o_q[None, :] * stride_oq,
-             acc, mask=m_p[:, None] & m_q[None, :])  # fmt: skip
+        acc = dot(tl.trans(b_r), b_l.to(compute_dtype), acc, UPCAST)
+    tl.store(out_ptr + i_s * stride_os + o_q[:, None] * stride_oq + o_p[None, :] * stride_op,
+             acc, mask=m_q[:, None] & m_p[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -273,15 +291,11 @@ def _low_rank_fill_kernel(
     m_m = o_m < M
     m_n = o_n < N
     m_r = o_r < R
-    b_out = low_rank_tile(left_ptr, right_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
+    b_out = low_rank_term(left_ptr, right_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
                           stride_lm, stride_lr, stride_rr, stride_rn,
-                          out_ptr.dtype.element_ty, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
-    if HAS_DROPOUT:
-        b_keep = keep_mask(seed, o_m, o_n, N, dropout_p)
-        b_out = tl.where(b_keep, b_out * dropout_scale, 0.0)
-    b_out = scaling * b_out
-    if HAS_BIAS:
-        b_out += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+                          scaling, seed, dropout_p, dropout_scale, N,
+                          HAS_BIAS, HAS_DROPOUT, out_ptr.dtype.element_ty, UPCAST,
+                          BLOCK_M, BLOCK_N)  # fmt: skip
     tl.store(out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on,
              round_to(b_out, out_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
@@ -331,7 +345,8 @@ def dy_projections(
         raise ValueError(
             f"lora_B, xa: expected [{N}, R] and [{M}, R], got {list(lora_B.shape)} and {list(xa.shape)}"
         )
-    blocks = _INTERPRET_DY_PROJECTION_BLOCKS if INTERPRET else DY_PROJECTION_BLOCKS
+    blocks = DY_PROJECTION_BLOCKS_FP32 if dy.element_size() == 4 else DY_PROJECTION_BLOCKS
+    blocks = _INTERPRET_DY_PROJECTION_BLOCKS if INTERPRET else blocks
     groups, splits = _dy_projection_grid(M, N, R, dy.device, blocks)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
     cols_per_group = triton.cdiv(triton.cdiv(N, groups), blocks["BLOCK_N"]) * blocks["BLOCK_N"]
@@ -374,7 +389,7 @@ def lora_weight_grad(
     Q = right.shape[1]
     check_dropout_size(M * Q, dropout_p)
     block_p = rank_block(P)
-    block_q = 256 if INTERPRET else 64
+    block_q = 256 if INTERPRET else 128
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     splits = _num_splits(M, tiles, left.device)
     rows_per_split = triton.cdiv(M, splits)

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import INTERPRET_MATMUL_CONFIG, grouped_tile, nf4_matmul_configs, nf4_matmul_pruner
-from ._triton import INTERPRET, autotune, dot, empty, low_rank_tile, round_to, token_bucket
-from .lora_rank import keep_mask, rank_block
+from ._gemm import INTERPRET_NF4_CONFIG, grouped_tile, nf4_matmul_configs, nf4_matmul_pruner
+from ._triton import INTERPRET, autotune, dot, empty, low_rank_term, round_to, token_bucket
+from .lora_rank import rank_block
 from .nf4_ref import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 
 _DEQUANT_CONFIGS = [
@@ -51,6 +51,33 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, o_flat, m_flat, BLOCKSIZE: t
     b_code = tl.where(o_flat % 2 == 0, b_byte >> 4, b_byte & 15).to(tl.int32)
     b_absmax = tl.load(absmax_ptr + o_flat // BLOCKSIZE, mask=m_flat, other=0.0)
     return tl.load(code_ptr + b_code) * b_absmax
+
+
+@triton.jit
+def _dequant_rows(
+    packed_ptr, absmax_ptr, code_ptr, o_rows, m_rows, o_cols, m_cols, col0, K,
+    ROW_ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):  # fmt: skip
+    """fp32 W[o_rows, col0 : col0 + BLOCK_COLS] of an [N, K] NF4 weight, as [BLOCK_ROWS, BLOCK_COLS].
+
+    When every row starts a new absmax block (K % BLOCKSIZE == 0) and the tile stays inside one block
+    (BLOCK_COLS <= BLOCKSIZE), each row's codes are BLOCK_COLS / 2 contiguous bytes and its scale one
+    value: a dense byte tile and an [BLOCK_ROWS] scale vector, which the pipeliner stages in little
+    shared memory. Otherwise every element's byte and scale are gathered by flat index.
+    """
+    if ROW_ALIGNED and BLOCK_COLS <= BLOCKSIZE:
+        o_bytes = col0 // 2 + tl.arange(0, BLOCK_COLS // 2)
+        b_byte = tl.load(
+            packed_ptr + o_rows[:, None] * (K // 2) + o_bytes[None, :], mask=m_rows[:, None], other=0
+        )  # [BLOCK_ROWS, BLOCK_COLS // 2]
+        # element 2j is the high nibble of byte j: interleave (high, low) pairs
+        b_code = tl.reshape(tl.join(b_byte >> 4, b_byte & 15), (BLOCK_ROWS, BLOCK_COLS)).to(tl.int32)
+        b_scale = tl.load(absmax_ptr + o_rows * (K // BLOCKSIZE) + col0 // BLOCKSIZE, mask=m_rows, other=0.0)
+        return tl.load(code_ptr + b_code) * b_scale[:, None]
+    o_flat = o_rows[:, None] * K + o_cols[None, :]
+    return _dequant_tile(
+        packed_ptr, absmax_ptr, code_ptr, o_flat, m_rows[:, None] & m_cols[None, :], BLOCKSIZE
+    )
 
 
 @autotune(configs=_DEQUANT_CONFIGS, key=["N_ELEM"], interpret_config=_INTERPRET_DEQUANT_CONFIG)
@@ -101,7 +128,7 @@ def _absmax_dequant_kernel(
 @autotune(
     configs=nf4_matmul_configs(),
     key=["M_BUCKET", "N", "K"],
-    interpret_config=INTERPRET_MATMUL_CONFIG,
+    interpret_config=INTERPRET_NF4_CONFIG,
     prune=nf4_matmul_pruner("BLOCK_K", "x_ptr"),
 )
 @triton.jit
@@ -110,7 +137,8 @@ def _qlora_fwd_kernel(
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
-    BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ROW_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -128,7 +156,11 @@ def _qlora_fwd_kernel(
     m_r = o_r < R
     compute_dtype = x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the accumulator starts as the rank-r term and bias, so they need no second register tile; the
+    # adapter output is rounded to the activation dtype first, as PEFT's lora_A output is
+    acc = low_rank_term(xa_ptr, b_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
+                        stride_xam, stride_xar, stride_br, stride_bn, scaling, 0, 0.0, 1.0, N,
+                        HAS_BIAS, False, compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -137,29 +169,33 @@ def _qlora_fwd_kernel(
             mask=m_m[:, None] & m_k[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
-        o_flat = o_n[None, :] * K + o_k[:, None]  # [BLOCK_K, BLOCK_N], W is [N, K] row-major
-        m_w = m_k[:, None] & m_n[None, :]
-        b_wt = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, o_flat, m_w, BLOCKSIZE)  # [BLOCK_K, BLOCK_N]
-        b_wt = round_to(b_wt, W_DTYPE, UPCAST)
-        b_wt = round_to(b_wt.to(tl.float32), compute_dtype, UPCAST)
-        acc = dot(b_x, b_wt, acc, UPCAST)
+        b_w = _dequant_rows(
+            packed_ptr,
+            absmax_ptr,
+            code_ptr,
+            o_n,
+            m_n,
+            o_k,
+            m_k,
+            k0,
+            K,
+            ROW_ALIGNED,
+            BLOCKSIZE,
+            BLOCK_N,
+            BLOCK_K,
+        )  # [BLOCK_N, BLOCK_K], fmt: skip
+        b_w = round_to(b_w, W_DTYPE, UPCAST)
+        b_w = round_to(b_w.to(tl.float32), compute_dtype, UPCAST)
+        acc = dot(b_x, tl.trans(b_w), acc, UPCAST)
 
-    # epilogue: as the dense LoRA kernel, the adapter product runs in the activation dtype
-    b_lora = low_rank_tile(xa_ptr, b_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
-                           stride_xam, stride_xar, stride_br, stride_bn,
-                           compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
-    acc += scaling * b_lora
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        acc += b_bias[None, :]
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
              round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 @autotune(
-    configs=nf4_matmul_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+    configs=nf4_matmul_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),  # [BLOCK_N, BLOCK_K] W tiles
     key=["M_BUCKET", "N", "K"],
-    interpret_config=INTERPRET_MATMUL_CONFIG,
+    interpret_config=INTERPRET_NF4_CONFIG,
     prune=nf4_matmul_pruner("BLOCK_N", "dy_ptr", out_block="BLOCK_K"),
 )
 @triton.jit
@@ -168,7 +204,8 @@ def _qlora_bwd_dx_kernel(
     M, N, K, R, M_BUCKET,
     stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     scaling, seed, dropout_p, dropout_scale,
-    BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ROW_ALIGNED: tl.constexpr, W_DTYPE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -182,7 +219,12 @@ def _qlora_bwd_dx_kernel(
     m_r = o_r < R
     compute_dtype = dy_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # the accumulator starts as the rank-r term, with the forward's dropout keep-mask regenerated from
+    # the seed, so it needs no second register tile
+    acc = low_rank_term(g_ptr, a_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
+                        stride_gm, stride_gr, stride_ar, stride_ak,
+                        scaling, seed, dropout_p, dropout_scale, K,
+                        False, HAS_DROPOUT, compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -191,21 +233,25 @@ def _qlora_bwd_dx_kernel(
             mask=m_m[:, None] & m_n[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_N]
-        o_flat = o_n[:, None] * K + o_k[None, :]  # [BLOCK_N, BLOCK_K]
-        m_w = m_n[:, None] & m_k[None, :]
-        b_w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, o_flat, m_w, BLOCKSIZE)  # [BLOCK_N, BLOCK_K]
+        b_w = _dequant_rows(
+            packed_ptr,
+            absmax_ptr,
+            code_ptr,
+            o_n,
+            m_n,
+            o_k,
+            m_k,
+            i_k * BLOCK_K,
+            K,
+            ROW_ALIGNED,
+            BLOCKSIZE,
+            BLOCK_N,
+            BLOCK_K,
+        )  # [BLOCK_N, BLOCK_K], fmt: skip
         b_w = round_to(b_w, W_DTYPE, UPCAST)
         b_w = round_to(b_w.to(tl.float32), compute_dtype, UPCAST)
         acc = dot(b_dy, b_w, acc, UPCAST)
 
-    b_lora = low_rank_tile(g_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
-                           stride_gm, stride_gr, stride_ar, stride_ak,
-                           compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
-    if HAS_DROPOUT:
-        # the keep-mask the forward drew, regenerated from the seed
-        b_keep = keep_mask(seed, o_m, o_k, K, dropout_p)
-        b_lora = tl.where(b_keep, b_lora * dropout_scale, 0.0)
-    acc += scaling * b_lora
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,
              round_to(acc, dx_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_k[None, :])  # fmt: skip
 
@@ -334,7 +380,8 @@ def qlora_forward_fused(
         x.stride(0), x.stride(1), xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1),
         y.stride(0), y.stride(1),
         float(scaling),
-        BLOCKSIZE=int(nf4.blocksize), W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_BIAS=bias is not None,
+        BLOCKSIZE=int(nf4.blocksize), ROW_ALIGNED=K % int(nf4.blocksize) == 0,
+        W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_BIAS=bias is not None,
         UPCAST=INTERPRET, BLOCK_R=rank_block(R),
     )  # fmt: skip
     return y
@@ -364,7 +411,8 @@ def qlora_backward_dx_fused(
         dy.stride(0), dy.stride(1), g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1),
         dx.stride(0), dx.stride(1),
         float(scaling), seed, p, p_scale,
-        BLOCKSIZE=int(nf4.blocksize), W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_DROPOUT=p > 0.0,
+        BLOCKSIZE=int(nf4.blocksize), ROW_ALIGNED=K % int(nf4.blocksize) == 0,
+        W_DTYPE=_tl_dtype(nf4.dtype, "nf4.dtype"), HAS_DROPOUT=p > 0.0,
         UPCAST=INTERPRET, BLOCK_R=rank_block(R),
     )  # fmt: skip
     return dx

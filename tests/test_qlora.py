@@ -26,11 +26,13 @@ needs_bnb = pytest.mark.skipif(
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATHS = ["fused", "dequant", "cublas"]
-# (leading dims of x, in, out, r, blocksize): tiny odd (an odd element count), a real width, not a
-# multiple of the block, 3-D input
+# (leading dims of x, in, out, r, blocksize): tiny odd (an odd element count), a real width (rows start
+# a quantisation block: the kernels' dense byte-tile path), blocks narrower than the tile (gather path),
+# not a multiple of the block, 3-D input
 SHAPES = {
     "tiny_odd": ((5,), 7, 11, 3, 32),
     "smollm2_576": ((19,), 576, 192, 16, 64),
+    "rows_aligned_blocksize_32": ((9,), 128, 72, 8, 32),
     "not_block_multiple": ((70,), 300, 130, 16, 256),
     "three_d": ((2, 13), 96, 80, 8, 64),
 }
