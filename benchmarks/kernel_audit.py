@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -54,6 +54,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
+
+from sails_fast.roofline import DEFAULT_MAX_CHUNK_BYTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV_PATH = ROOT / "benchmarks" / "results" / "kernel_audit.csv"
@@ -152,7 +154,12 @@ def lora_cases(dtype: torch.dtype, models: list[str]):
 
             def thunk(m=m, k=k, n=n, r=r):
                 x, w, dy = _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), _t(m, n, dtype=dtype)
-                a, b, xa, g = _t(r, k, dtype=dtype), _t(n, r, dtype=dtype), _t(m, r, dtype=dtype), _t(m, r, dtype=dtype)
+                a, b, xa, g = (
+                    _t(r, k, dtype=dtype),
+                    _t(n, r, dtype=dtype),
+                    _t(m, r, dtype=dtype),
+                    _t(m, r, dtype=dtype),
+                )
                 for p in (0.0, 0.1):
                     KR.rank_projection(x, a, p, 1)
                     K.lora_backward_dx(dy, w, g, a, 2.0, p, 1)
@@ -182,7 +189,12 @@ def nf4_cases(dtype: torch.dtype, models: list[str]):
                 )  # fmt: skip
                 x, dy = _t(m, k, dtype=dtype), _t(m, n, dtype=dtype)
                 absmax = _t(blocks, dtype=torch.float32)
-                xa, g, a, b = _t(m, r, dtype=dtype), _t(m, r, dtype=dtype), _t(r, k, dtype=dtype), _t(n, r, dtype=dtype)
+                xa, g, a, b = (
+                    _t(m, r, dtype=dtype),
+                    _t(m, r, dtype=dtype),
+                    _t(r, k, dtype=dtype),
+                    _t(n, r, dtype=dtype),
+                )
                 NK.dequantize(nf4, dtype, round_dtype=dtype)
                 NK.absmax_fp32(nf4)
                 NK.qlora_forward_fused(x, nf4, absmax, xa, b, 2.0, None)
@@ -204,18 +216,24 @@ def sae_stats_cases(dtype: torch.dtype, models: list[str]):
                 extra = {"k": 64}
             sae = SAEWeights(
                 W_enc=_t(d, F, dtype=dtype), b_enc=_t(F, dtype=dtype), W_dec=_t(F, d, dtype=dtype),
-                b_dec=_t(d, dtype=dtype), activation=activation, apply_b_dec_to_input=activation != "jumprelu",
-                **extra,
+                b_dec=_t(d, dtype=dtype), activation=activation,
+                apply_b_dec_to_input=activation != "jumprelu", **extra,
             )  # fmt: skip
 
             def thunk(sae=sae, d=d, F=F):
                 x = _t(GOAL_TOKENS_SAE, d, dtype=dtype)
                 labels = torch.zeros(GOAL_TOKENS_SAE, dtype=torch.int64)
                 weights = _t(GOAL_TOKENS_SAE, dtype=torch.float32)
+                chunk = KS.chunk_tokens(F, DEFAULT_MAX_CHUNK_BYTES)
+                # the chunked strategy's GEMM is torch's; its reduction kernel gets one chunk's fp32 [T_c, F]
+                pre = _t(chunk, F, dtype=torch.float32)
                 for deterministic in (False, True):
                     out = FeatureStats.empty(2, F)
                     KS.sae_stats_accumulate(x, sae, labels, weights, out, deterministic=deterministic)
-                KS.audit_launches(x, sae, labels, weights, FeatureStats.empty(2, F))
+                    accumulators = KS._Accumulators(FeatureStats.empty(2, F), deterministic)
+                    KS.chunk_statistics(
+                        pre, sae, labels[:chunk], weights[:chunk], accumulators, 0, deterministic
+                    )
 
             yield f"{model}/sae-{activation}", thunk
 
@@ -260,15 +278,16 @@ def collect_variants(op: str, arch: int, dtype: str, models: list[str]) -> dict[
             thunk()
             for launch in launches:
                 signature, constexprs, attrs, options = bind(launch, arch)
+                kept_options = {k: v for k, v in options.__dict__.items() if k in _OPTION_KEYS}
                 key = (
                     launch.fn.__name__, json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
-                    repr(sorted(attrs.items())), repr(sorted((k, v) for k, v in options.__dict__.items() if k in _OPTION_KEYS)),
+                    repr(sorted(attrs.items())), repr(sorted(kept_options.items())),
                 )  # fmt: skip
                 if key not in variants:
                     variants[key] = Variant(
                         op, launch.fn.__name__, arch, dtype, _config_text(launch.fn, constexprs, options),
                         options.num_warps, options.num_stages, signature, constexprs, attrs,
-                        {k: v for k, v in options.__dict__.items() if k in _OPTION_KEYS}, launch.fn,
+                        kept_options, launch.fn,
                     )  # fmt: skip
                 variants[key].shapes.add(shape_name)
     return variants
@@ -287,7 +306,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         done = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(tmp) / "k.o")],
+            [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src) + ".o"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
     log = done.stderr + done.stdout
@@ -425,8 +444,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def summary_table(rows: list[dict]) -> str:
     """One line per op x arch: the worst of each column over its kept 16-bit variants."""
     lines = [
-        "| op | arch | 16-bit variants | max registers | spills | max shared / limit (KB) | pipelined main loops "
-        "| wgmma (sm_90) | min occupancy | problems |",
+        "| op | arch | 16-bit variants | max registers | spills | max shared / limit (KB) "
+        "| pipelined main loops | wgmma (sm_90) | min occupancy | problems |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
@@ -442,7 +461,8 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(
             f"| {op} | {arch} | {len(group)} | {max(int(r['registers']) for r in ok) if ok else '-'} "
             f"| {sum(int(r['spill_bytes']) for r in ok)} B "
-            f"| {max(int(r['shared_bytes']) for r in ok) // 1024 if ok else '-'} / {int(group[0]['smem_limit']) // 1024} "
+            f"| {max(int(r['shared_bytes']) for r in ok) // 1024 if ok else '-'} "
+            f"/ {int(group[0]['smem_limit']) // 1024} "
             f"| {piped}/{len(loops)} | {f'{wg}/{len(loops)}' if arch == 'sm_90' else 'n/a'} "
             f"| {min(float(r['occupancy']) for r in ok):.2f} | {n_bad} |"
         )
@@ -493,8 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op", nargs="*", default=list(OPS), choices=OPS)
     parser.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", type=Path, default=None, help=f"CSV to write (default {CSV_PATH} for a full run)")
-    parser.add_argument("--subset", action="store_true", help="bf16, sm_90 and sm_86, one model: the default tier")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"CSV to write (default {CSV_PATH} for a full run)"
+    )
+    parser.add_argument(
+        "--subset", action="store_true", help="bf16, sm_90 and sm_86, one model: the default tier"
+    )
     parser.add_argument("--readme", action="store_true", help="regenerate the README summary from the CSV")
     parser.add_argument("--self-test", action="store_true")
     args = parser.parse_args(argv)

@@ -237,7 +237,7 @@ def sae_stats_launches(
                    passes * e * (T * d + d * F) + stats_out, epilogue)
         ]  # fmt: skip
     if provider == "chunked":
-        t_c = min(T, chunk_tokens(F))
+        t_c = max(1, min(T, chunk_tokens(F)))
         chunks = math.ceil(T / t_c)
         launches = []
         for _ in range(chunks):

@@ -10,12 +10,15 @@ from typing import Literal
 
 import torch
 
+from . import strategy as strategies
 from ._backend import resolve_backend
 from .kernels.sae_stats_ref import sae_feature_stats_ref
+from .roofline import DEFAULT_MAX_CHUNK_BYTES
 from .sae import SAEWeights
 from .stats import FeatureStats
 
 Backend = Literal["auto", "triton", "torch"]
+Strategy = Literal["auto", "fused", "chunked"]
 
 
 def _validate(
@@ -86,6 +89,8 @@ def sae_feature_stats(
     out: FeatureStats | None = None,
     backend: Backend = "auto",
     deterministic: bool = False,
+    strategy: Strategy = "auto",
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> FeatureStats:
     """Per-class statistics of the SAE's latents over a batch of tokens, without a [T, F] matrix.
 
@@ -115,6 +120,13 @@ def sae_feature_stats(
             the last bits of act_sum / act_sq_sum, can change from run to run. True: per-split partials
             summed in a fixed order (bitwise reproducible), at the cost of a [splits, C, F] buffer
             (T / 2048 splits) and one extra reduction. Counts, max and argmax are exact either way.
+        strategy: Triton backend only. "fused" (the encode GEMM and the statistics in one Triton kernel;
+            extra memory: a few [C, F] arrays, plus a [chunk, d] input buffer when x must be cast or
+            have b_dec subtracted), "chunked" (torch's GEMM, cuBLAS on a GPU, writes fp32
+            pre-activations of a chunk of tokens, a Triton kernel reduces them: memory O(chunk x F)) or
+            "auto" (the measured choice for this GPU and shape in `sails_fast/strategy_table.json`, else
+            the roofline model's: `sails_fast.strategy`).
+        max_chunk_bytes: the chunked strategy's [T_c, F] fp32 buffer is at most this (default 256 MiB).
 
     Returns:
         FeatureStats: `out`, or a new one.
@@ -127,6 +139,9 @@ def sae_feature_stats(
         >>> diff = stats.mean()[1] - stats.mean()[0]     # [F]
     """
     _validate(x, sae, labels, token_weights, num_classes, out)
+    strategies.check_strategy("sae_feature_stats", strategy)
+    if not isinstance(max_chunk_bytes, int) or isinstance(max_chunk_bytes, bool) or max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes: expected a positive int (bytes), got {max_chunk_bytes!r}")
     chosen = resolve_backend(backend, x, sae.W_enc)
     labels = labels.to(torch.int64).contiguous()
     if token_weights is not None:
@@ -134,9 +149,15 @@ def sae_feature_stats(
     if chosen == "torch":
         return sae_feature_stats_ref(x, sae, labels, token_weights, num_classes, out)
 
-    from .kernels.sae_stats import sae_stats_accumulate
+    from .kernels.sae_stats import sae_stats_accumulate, sae_stats_chunked
 
     if out is None:
         out = FeatureStats.empty(num_classes, sae.num_features, device=x.device)
-    sae_stats_accumulate(x, sae, labels, token_weights, out, deterministic=deterministic)
+    if strategy == "auto" and x.shape[0]:
+        shape = {"T": x.shape[0], "d": sae.d_model, "F": sae.num_features}
+        strategy = strategies.choose("sae_feature_stats", x.device, **shape)
+    if strategy == "fused":
+        sae_stats_accumulate(x, sae, labels, token_weights, out, deterministic=deterministic)
+    else:
+        sae_stats_chunked(x, sae, labels, token_weights, out, max_chunk_bytes, deterministic=deterministic)
     return out
