@@ -279,10 +279,8 @@ def collect_variants(op: str, arch: int, dtype: str, models: list[str]) -> dict[
             for launch in launches:
                 signature, constexprs, attrs, options = bind(launch, arch)
                 kept_options = {k: v for k, v in options.__dict__.items() if k in _OPTION_KEYS}
-                key = (
-                    launch.fn.__name__, json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
-                    repr(sorted(attrs.items())), repr(sorted(kept_options.items())),
-                )  # fmt: skip
+                parts = (signature, sorted(constexprs.items()), sorted(attrs.items()), kept_options)
+                key = (launch.fn.__name__, repr(parts))
                 if key not in variants:
                     variants[key] = Variant(
                         op, launch.fn.__name__, arch, dtype, _config_text(launch.fn, constexprs, options),
