@@ -143,13 +143,22 @@ def _t(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype)
 
 
-def lora_cases(dtype: torch.dtype, models: list[str]):
+# the default tier's subset: one projection, the two SAE activations with the most code
+SUBSET_PROJECTIONS = ("q_proj",)
+SUBSET_ACTIVATIONS = ("jumprelu", "topk")
+
+
+def _projections(model: str, subset: bool):
+    return [(p, kn) for p, kn in MODELS[model].projections().items() if not subset or p in SUBSET_PROJECTIONS]
+
+
+def lora_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
     """(shape name, thunk) for every launcher of the dense LoRA op at each named projection."""
     from sails_fast.kernels import lora as K
     from sails_fast.kernels import lora_rank as KR
 
     for model in models:
-        for proj, (k, n) in MODELS[model].projections().items():
+        for proj, (k, n) in _projections(model, subset):
             m, r = GOAL_TOKENS_LORA, GOAL_RANK
 
             def thunk(m=m, k=k, n=n, r=r):
@@ -173,12 +182,12 @@ def lora_cases(dtype: torch.dtype, models: list[str]):
             yield f"{model}/{proj}", thunk
 
 
-def nf4_cases(dtype: torch.dtype, models: list[str]):
+def nf4_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
     from sails_fast import NF4Weight
     from sails_fast.kernels import nf4 as NK
 
     for model in models:
-        for proj, (k, n) in MODELS[model].projections().items():
+        for proj, (k, n) in _projections(model, subset):
             m, r = GOAL_TOKENS_LORA, GOAL_RANK
 
             def thunk(m=m, k=k, n=n, r=r):
@@ -204,13 +213,13 @@ def nf4_cases(dtype: torch.dtype, models: list[str]):
             yield f"{model}/{proj}", thunk
 
 
-def sae_stats_cases(dtype: torch.dtype, models: list[str]):
+def sae_stats_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
     from sails_fast import FeatureStats, SAEWeights
     from sails_fast.kernels import sae_stats as KS
 
     for model in models:
         d, F = MODELS[model].hidden, MODELS[model].sae_width
-        for activation in ("relu", "jumprelu", "topk"):
+        for activation in SUBSET_ACTIVATIONS if subset else ("relu", "jumprelu", "topk"):
             extra = {"threshold": _t(F, dtype=dtype)} if activation == "jumprelu" else {}
             if activation == "topk":
                 extra = {"k": 64}
@@ -267,13 +276,13 @@ def bind(launch: Launch, arch: int):
     return signature, constexprs, attrs, options
 
 
-def collect_variants(op: str, arch: int, dtype: str, models: list[str]) -> dict[tuple, Variant]:
+def collect_variants(op: str, arch: int, dtype: str, models: list[str], subset: bool = False) -> dict:
     """Run the op's launchers on the simulated GPU and keep one Variant per distinct compile."""
     from sails_fast.kernels import _triton
 
     variants: dict[tuple, Variant] = {}
     with _triton.simulate_target(_triton.TARGETS[arch]), intercepted_launches() as launches:
-        for shape_name, thunk in CASES[op](DTYPES[dtype], models):
+        for shape_name, thunk in CASES[op](DTYPES[dtype], models, subset):
             launches.clear()
             thunk()
             for launch in launches:
@@ -334,13 +343,27 @@ def occupancy(arch: int, registers: int, num_warps: int, shared_bytes: int) -> f
     return blocks * num_warps / max_warps
 
 
+def compact_shapes(shapes: set[str]) -> str:
+    """'model/*' where every named shape of that model launches the variant, else the names."""
+    by_model: dict[str, set[str]] = {}
+    for shape in shapes:
+        model, name = shape.split("/", 1)
+        by_model.setdefault(model, set()).add(name)
+    everything = set().union(*by_model.values())
+    parts = []
+    for model, names in sorted(by_model.items()):
+        parts.append(f"{model}/*" if names == everything and len(by_model) > 1 else
+                     ";".join(f"{model}/{n}" for n in sorted(names)))  # fmt: skip
+    return ";".join(parts)
+
+
 def compile_variant(variant: Variant) -> dict:
     """Compile one variant for its arch and read registers, spills, shared memory, pipelining, wgmma."""
     from sails_fast.kernels._triton import TARGETS
 
     row = {
         "op": variant.op, "kernel": variant.kernel, "arch": f"sm_{variant.arch}", "dtype": variant.dtype,
-        "shape": ";".join(sorted(variant.shapes)), "config": variant.config,
+        "shape": compact_shapes(variant.shapes), "config": variant.config,
         "num_warps": variant.num_warps, "num_stages": variant.num_stages,
         "main_loop": variant.kernel in MAIN_LOOP_KERNELS,
         "smem_limit": TARGETS[variant.arch].smem_per_block,
@@ -386,12 +409,12 @@ def problems(row: dict) -> list[str]:
     return found
 
 
-def audit(ops, archs, dtypes, models, jobs: int) -> list[dict]:
+def audit(ops, archs, dtypes, models, jobs: int, subset: bool = False) -> list[dict]:
     variants: list[Variant] = []
     for op in ops:
         for arch in archs:
             for dtype in dtypes:
-                variants += collect_variants(op, arch, dtype, models).values()
+                variants += collect_variants(op, arch, dtype, models, subset).values()
     print(f"{len(variants)} distinct kernel variants to compile", flush=True)
     start = time.perf_counter()
     rows: list[dict] = []
@@ -514,28 +537,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"CSV to write (default {CSV_PATH} for a full run)"
     )
+    parser.add_argument("--subset", action="store_true", help="the default tier's audit (see SUBSET_*)")
     parser.add_argument(
-        "--subset", action="store_true", help="bf16, sm_90 and sm_86, one model: the default tier"
+        "--readme", action="store_true", help=f"only regenerate the README summary from {CSV_PATH.name}"
     )
-    parser.add_argument("--readme", action="store_true", help="regenerate the README summary from the CSV")
     parser.add_argument("--self-test", action="store_true")
     args = parser.parse_args(argv)
     if args.self_test:
         return self_test(args.arch)
-    if args.readme and not (args.subset or args.out):
-        pass
+    if args.readme:
+        with open(CSV_PATH) as f:
+            update_readme(summary_table(list(csv.DictReader(f))))
+        print(f"README.md summary regenerated from {CSV_PATH}")
+        return 0
     if args.subset:
         args.arch, args.dtype, args.model = [90, 86], ["bf16"], ["gemma-2-9b"]
-    rows = audit(args.op, args.arch, args.dtype, args.model, args.jobs)
-    full = not args.subset and set(args.arch) == set(ARCHS) and set(args.op) == set(OPS)
+    rows = audit(args.op, args.arch, args.dtype, args.model, args.jobs, args.subset)
+    chosen = zip((args.arch, args.dtype, args.op, args.model), (ARCHS, DTYPES, OPS, MODELS), strict=True)
+    full = not args.subset and all(set(picked) == set(every) for picked, every in chosen)
     out = args.out or (CSV_PATH if full else None)
     if out:
         write_csv(rows, out)
         print(f"wrote {len(rows)} rows to {out}")
-    table = summary_table(rows)
-    print(table)
-    if args.readme:
-        update_readme(table)
+    print(summary_table(rows))
     bad = [(r, p) for r in rows for p in problems(r)]
     for row, problem in bad:
         print(f"PROBLEM {row['arch']} {row['dtype']} {row['kernel']} {row['config']}: {problem}")

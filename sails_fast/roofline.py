@@ -194,9 +194,13 @@ def qlora_launches(provider: str, M: int, K: int, N: int, R: int, e: int = 2) ->
         launches = lora_launches("fused", M, K, N, R, e, weight_bytes=nf4_weight_bytes(N, K))
         redo = DEQUANT_OPS_PER_ELEMENT * math.ceil(M / FUSED_NF4_BLOCK_M) * N * K
         return [Launch(x.name, x.flops, x.bytes, redo) if i in (1, 3) else x for i, x in enumerate(launches)]
-    if provider in ("dequant", "cublas"):
-        dense = lora_launches("fused" if provider == "dequant" else "cublas", M, K, N, R, e)
-        return [dequant_launch(N, K, e), *dense[:2], dequant_launch(N, K, e), *dense[2:]]
+    if provider == "dequant":
+        # W dequantised into a buffer before each of the fused kernels' GEMMs (forward, dx)
+        xa, y, dy_pass, dx, grad_a = lora_launches("fused", M, K, N, R, e)
+        return [xa, dequant_launch(N, K, e), y, dy_pass, dequant_launch(N, K, e), dx, grad_a]
+    if provider == "cublas":
+        xa, fill_y, y, dy_pass, fill_dx, dx, grad_a = lora_launches("cublas", M, K, N, R, e)
+        return [xa, fill_y, dequant_launch(N, K, e), y, dy_pass, fill_dx, dequant_launch(N, K, e), dx, grad_a]
     if provider == "peft_bnb":
         # bitsandbytes dequantises for the forward and again for dx, then cuBLAS; PEFT's adapter as dense
         peft = lora_launches("peft", M, K, N, R, e)

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.gpu
 CASES = [(model, proj) for model in MODELS for proj in ("q_proj", "o_proj", "down_proj")]
 
 
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("model", "proj"), CASES)
-def test_real_shapes_forward_and_backward(model, proj, dtype):
+def test_real_shapes_forward_and_backward(model, proj, dtype, strategy):
     k, n = MODELS[model].projections()[proj]
     m, r = 1000, 16  # 1000 tokens: not a multiple of any block
     g = torch.Generator().manual_seed(0)
@@ -38,11 +39,11 @@ def test_real_shapes_forward_and_backward(model, proj, dtype):
         y = fn(xs, w.to(device, run_dtype), as_, bs, 2.0, bias.to(device, run_dtype), **kw)
         return (y, *torch.autograd.grad(y, (xs, as_, bs), dy.to(device, run_dtype)))
 
-    ours = run(lora_linear, "cuda", dtype, backend="triton")
+    ours = run(lora_linear, "cuda", dtype, backend="triton", strategy=strategy)
     ref32 = run(lora_linear_ref, "cuda", torch.float32)
     ref_lo = run(lora_linear_ref, "cuda", dtype)
     for name, o, r32, rlo in zip(("y", "dx", "dA", "dB"), ours, ref32, ref_lo, strict=True):
-        assert_close(f"{model}/{proj}/{name}", o, r32, rlo, dtype)
+        assert_close(f"{model}/{proj}/{strategy}/{name}", o, r32, rlo, dtype)
 
 
 def test_dropout_on_gpu_matches_the_reference_with_the_kernel_mask():

@@ -1,4 +1,4 @@
-"""gpu tier: NF4 dequantisation and both QLoRA paths compiled, at real-model shapes, bf16 and fp16."""
+"""gpu tier: NF4 dequantisation and every QLoRA strategy compiled, at real-model shapes, bf16 and fp16."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def test_dequantize_triton_equals_reference(model, proj, dtype):
     assert torch.equal(ours, ref)
 
 
-@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("strategy", ["fused", "dequant", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("model", "proj"), CASES)
-def test_qlora_real_shapes_forward_and_backward(model, proj, dtype, path):
+def test_qlora_real_shapes_forward_and_backward(model, proj, dtype, strategy):
     k, n = MODELS[model].projections()[proj]
     m, r = 1000, 16  # not a multiple of any block
     g = torch.Generator().manual_seed(1)
@@ -51,7 +51,7 @@ def test_qlora_real_shapes_forward_and_backward(model, proj, dtype, path):
         return (y, *torch.autograd.grad(y, (xs, as_, bs), d))
 
     xs, as_, bs = (t.to(DEVICE, dtype).requires_grad_() for t in (x, a, b))
-    y = qlora_linear(xs, nf4, as_, bs, 2.0, bias.to(DEVICE, dtype), backend="triton", path=path)
+    y = qlora_linear(xs, nf4, as_, bs, 2.0, bias.to(DEVICE, dtype), backend="triton", strategy=strategy)
     ours = grads(y, xs, as_, bs, dy.to(DEVICE, dtype))
     refs = []
     for run_dtype in (torch.float32, dtype):
@@ -59,4 +59,4 @@ def test_qlora_real_shapes_forward_and_backward(model, proj, dtype, path):
         yr = lora_linear_ref(xr, w_deq.to(run_dtype), ar, br, 2.0, bias.to(DEVICE, run_dtype))
         refs.append(grads(yr, xr, ar, br, dy.to(DEVICE, run_dtype)))
     for name, o, r32, rlo in zip(("y", "dx", "dA", "dB"), ours, *refs, strict=True):
-        assert_close(f"{model}/{proj}/{path}/{name}", o, r32, rlo, dtype)
+        assert_close(f"{model}/{proj}/{strategy}/{name}", o, r32, rlo, dtype)
