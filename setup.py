@@ -15,6 +15,7 @@ setup(
         "sails_fast.sails",
     ],
     package_dir={"sails_fast": "sails_fast", "sails_fast.kernels": "kernels"},
-    # the project's own prompt sets (harmless, safe-but-scary) ship as JSON inside the package
-    package_data={"sails_fast.data": ["*.json"]},
+    # the project's own prompt sets (harmless, safe-but-scary) ship as JSON inside the package, and so
+    # does the measured strategy table "auto" reads
+    package_data={"sails_fast.data": ["*.json"], "sails_fast": ["strategy_table.json"]},
 )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -46,21 +48,52 @@ def shape_key(op: str, **shape: int) -> str:
     return f"T{token_bucket(shape['T'])}_d{shape['d']}_F{shape['F']}"
 
 
-@functools.lru_cache(maxsize=1)
-def load_table(path: str = str(TABLE_PATH)) -> dict[str, str]:
-    """The measured choices, {"sm_90/lora_linear/M8192_K3584_N4096_R16": "fused", ...}; empty if absent."""
-    file = Path(path)
-    if not file.exists():
-        return {}
-    data = json.loads(file.read_text())
+def table_key(arch: int, op: str, key: str) -> str:
+    return f"sm_{arch}/{op}/{key}"
+
+
+def _read_table(path: Path) -> dict:
+    if not path.exists():
+        return {"version": TABLE_VERSION, "entries": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a valid strategy table ({err})") from err
     if data.get("version") != TABLE_VERSION:
         raise ValueError(f"{path}: strategy table version {data.get('version')!r}, expected {TABLE_VERSION}")
-    entries = data.get("entries", {})
+    for key, choice in data.get("entries", {}).items():
+        _check_entry(str(path), key, choice)
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def load_table() -> dict[str, str]:
+    """The measured choices, {"sm_90/lora_linear/M8192_K3584_N4096_R16": "fused", ...}; empty if none."""
+    return dict(_read_table(TABLE_PATH)["entries"])
+
+
+def _check_entry(where: str, key: str, choice: str) -> None:
+    op = key.split("/")[1] if key.count("/") == 2 else None
+    if op not in STRATEGIES or choice not in STRATEGIES[op]:
+        raise ValueError(f"{where}: entry {key!r} -> {choice!r} names no known op and strategy")
+
+
+def record(entries: dict[str, str], path: Path | None = None) -> Path:
+    """Merge measured choices ({table_key(...): strategy}) into the table, written atomically (the GPU
+    benchmarks call this with --write-strategy-table). Later calls of "auto" in this process see them."""
+    path = Path(path or TABLE_PATH)
     for key, choice in entries.items():
-        op = key.split("/")[1] if key.count("/") == 2 else None
-        if op not in STRATEGIES or choice not in STRATEGIES[op]:
-            raise ValueError(f"{path}: entry {key!r} -> {choice!r} names no known op and strategy")
-    return dict(entries)
+        _check_entry("entries", key, choice)
+    data = _read_table(path)
+    data["entries"] = dict(sorted({**data.get("entries", {}), **entries}.items()))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    load_table.cache_clear()
+    _choose.cache_clear()
+    return path
 
 
 def device_arch_and_name(device: torch.device) -> tuple[int, str]:
@@ -73,8 +106,7 @@ def device_arch_and_name(device: torch.device) -> tuple[int, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _choose(op: str, arch: int, name: str, key: str, shape: tuple[tuple[str, int], ...]) -> tuple[str, str]:
-    table = load_table()
-    measured = table.get(f"sm_{arch}/{op}/{key}")
+    measured = load_table().get(table_key(arch, op, key))
     if measured is not None:
         return measured, "measured"
     return roofline.best_strategy(op, roofline.device_for(arch, name), **dict(shape)), "roofline"
