@@ -183,3 +183,33 @@ def set_cpu_threads() -> None:
     threads = int(os.environ.get("SAILS_FAST_BENCH_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def fastest_strategies(rows: list[Row], prefix: str, mode: str = "fwd+bwd") -> dict[tuple, str]:
+    """{(model, shape, dims, dtype): strategy} for the providers named "<prefix><strategy>", the fastest
+    median of one run per case."""
+    best: dict[tuple, tuple[float, str]] = {}
+    for r in rows:
+        if r.mode != mode or not r.provider.startswith(prefix):
+            continue
+        case = (r.model, r.shape, r.dims, r.dtype)
+        strategy = r.provider.removeprefix(prefix)
+        if case not in best or r.median_ms < best[case][0]:
+            best[case] = (r.median_ms, strategy)
+    return {case: strategy for case, (_, strategy) in best.items()}
+
+
+def write_strategy_table(op: str, choices: dict[str, str], device: str) -> None:
+    """Record measured choices {shape bucket: strategy} for this GPU in sails_fast/strategy_table.json,
+    the table "auto" reads before the roofline model. CUDA runs only: a CPU timing says nothing about it."""
+    from sails_fast import strategy
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise SystemExit("--write-strategy-table: the table holds GPU measurements; this run is on CPU")
+    arch, _ = strategy.device_arch_and_name(device)
+    entries = {strategy.table_key(arch, op, key): choice for key, choice in choices.items()}
+    path = strategy.record(entries)
+    for key, choice in sorted(entries.items()):
+        print(f"strategy table: {key} -> {choice}")
+    print(f"wrote {len(entries)} entries to {path}")

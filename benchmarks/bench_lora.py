@@ -5,8 +5,10 @@
     pytest benchmarks/bench_lora.py --benchmark-only   # the same comparison through pytest-benchmark
 
 Providers: "base" (F.linear alone: the floor the fused op is measured against), "torch" (the plain
-reference, autograd), "peft" (PEFT's lora.Linear), "sails_fast" (the Triton kernels; CUDA only: on CPU the
-kernels run in the interpreter, which is a correctness tool, not a speed measurement).
+reference, autograd), "peft" (PEFT's lora.Linear), "sails_fast" (strategy "auto"), "sails_fast:fused" and
+"sails_fast:cublas" (each strategy; CUDA only: on CPU the kernels run in the interpreter, which is a
+correctness tool, not a speed measurement). `--write-strategy-table` records the faster strategy per
+shape for this GPU in sails_fast/strategy_table.json, which "auto" reads.
 Each provider's output and gradients are checked against the fp32 reference before it is timed.
 Rows are appended to benchmarks/results/lora.csv.
 """
@@ -14,6 +16,7 @@ Rows are appended to benchmarks/results/lora.csv.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +25,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Row, append_rows, check_close, environment, peak_memory_mb, print_rows, time_fn  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    append_rows,
+    check_close,
+    environment,
+    fastest_strategies,
+    peak_memory_mb,
+    print_rows,
+    time_fn,
+    write_strategy_table,
+)
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, MODELS  # noqa: E402
 
 from sails_fast import lora_linear  # noqa: E402
 from sails_fast.kernels.lora_ref import lora_linear_ref  # noqa: E402
 
-PROVIDERS = ("base", "torch", "peft", "sails_fast")
+STRATEGY_PREFIX = "sails_fast:"
+PROVIDERS = ("base", "torch", "peft", "sails_fast", "sails_fast:fused", "sails_fast:cublas")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -53,8 +67,9 @@ def provider_fn(name: str, case: dict) -> Callable[[torch.Tensor, torch.Tensor, 
         return lambda x, a, b: F.linear(x, w)
     if name == "torch":
         return lambda x, a, b: lora_linear_ref(x, w, a, b, s)
-    if name == "sails_fast":
-        return lambda x, a, b: lora_linear(x, w, a, b, s, backend="triton")
+    if name == "sails_fast" or name.startswith(STRATEGY_PREFIX):
+        strategy = name.removeprefix(STRATEGY_PREFIX) if name != "sails_fast" else "auto"
+        return lambda x, a, b: lora_linear(x, w, a, b, s, backend="triton", strategy=strategy)
     if name == "peft":
         from peft import LoraConfig, get_peft_model
         from torch import nn
@@ -149,7 +164,7 @@ def bench_case(model: str, proj: str, m: int, r: int, dtype: torch.dtype, device
     env = environment(device)
     rows = []
     for provider in providers:
-        if provider == "sails_fast" and torch.device(device).type != "cuda":
+        if provider.startswith("sails_fast") and torch.device(device).type != "cuda":
             continue
         err = check_provider(provider, case, dtype)
         for mode, (t, peak) in time_provider(
@@ -193,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-save", action="store_true", help="print only; do not append to results/lora.csv"
     )
+    parser.add_argument(
+        "--write-strategy-table", action="store_true", help="record the faster strategy (GPU)"
+    )
     args = parser.parse_args(argv)
 
     cuda = torch.device(args.device).type == "cuda"
@@ -215,11 +233,24 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows('lora.csv', rows)}")
+    if args.write_strategy_table:
+        write_strategy_table("lora_linear", strategy_choices(rows, args.rank), args.device)
+
+
+def strategy_choices(rows: list[Row], r: int) -> dict[str, str]:
+    """{strategy-table shape bucket: the faster strategy} from the fwd+bwd rows of this run."""
+    from sails_fast.strategy import shape_key
+
+    choices = {}
+    for (_, _, dims, _), choice in fastest_strategies(rows, STRATEGY_PREFIX).items():
+        m, k, n = (int(v) for v in re.findall(r"[MKN]=(\d+)", dims))
+        choices[shape_key("lora_linear", M=m, K=k, N=n, R=r)] = choice
+    return choices
 
 
 # pytest-benchmark: `pytest benchmarks/bench_lora.py --benchmark-only`
 def _pytest_providers():
-    return [p for p in PROVIDERS if p != "sails_fast" or torch.cuda.is_available()]
+    return [p for p in PROVIDERS if not p.startswith("sails_fast") or torch.cuda.is_available()]
 
 
 try:

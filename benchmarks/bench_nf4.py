@@ -16,8 +16,11 @@ QLoRA providers (x [M, K], NF4 weight [N, K], rank r, frozen base; gradients of 
   "peft_bnb"      PEFT's lora.bnb.Linear4bit over bitsandbytes' Linear4bit (the real-world baseline)
   "dense_torch"   the LoRA reference on an unquantised weight (what the 4-bit path is measured against)
   "dense_sails"   sails_fast's fused bf16 LoRA on an unquantised weight (CUDA)
-  "sails_fused"   qlora_linear, W tiles dequantised inside the GEMM (CUDA)
-  "sails_dequant" qlora_linear, W dequantised once into a reused buffer, then the dense LoRA kernel (CUDA)
+  "sails_fused"   qlora_linear strategy "fused": W tiles dequantised inside the GEMM (CUDA)
+  "sails_dequant" strategy "dequant": W dequantised once into a reused buffer, then the fused LoRA GEMMs
+  "sails_cublas"  strategy "cublas": dequantised once, then torch's GEMM (cuBLAS) on the rank-r fill (CUDA)
+`--write-strategy-table` records the fastest strategy per shape for this GPU in
+sails_fast/strategy_table.json, which "auto" reads.
 Every provider's output and gradients pass the fp32-reference rule before timing. The Triton providers
 run on CPU only through the interpreter, a correctness tool and not a speed measurement, so CPU rows
 never time them. Rows are appended to benchmarks/results/nf4.csv.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +42,11 @@ from _common import (  # noqa: E402
     Row,
     append_rows,
     environment,
+    fastest_strategies,
     print_rows,
     set_cpu_threads,
     time_fn,
+    write_strategy_table,
 )
 
 # the frozen-base LoRA benchmark's correctness gate, FLOP count and timing loop, shared
@@ -59,8 +65,11 @@ from sails_fast.kernels.lora_ref import lora_linear_ref  # noqa: E402
 from sails_fast.kernels.nf4_ref import dequantize_nf4_ref, qlora_linear_ref  # noqa: E402
 
 DEQUANT_PROVIDERS = ("torch", "bnb", "sails_fast")
-QLORA_PROVIDERS = ("torch", "peft_bnb", "dense_torch", "dense_sails", "sails_fused", "sails_dequant")
-CUDA_ONLY = ("sails_fast", "dense_sails", "sails_fused", "sails_dequant")
+STRATEGY_PREFIX = "sails_"
+QLORA_PROVIDERS = (
+    "torch", "peft_bnb", "dense_torch", "dense_sails", "sails_fused", "sails_dequant", "sails_cublas"
+)  # fmt: skip
+CUDA_ONLY = ("sails_fast", "dense_sails", "sails_fused", "sails_dequant", "sails_cublas")
 BLOCKSIZE = 64
 
 
@@ -170,9 +179,9 @@ def provider_fn(name: str, case: dict) -> Callable[[torch.Tensor, torch.Tensor, 
         return lambda x, a, b: lora_linear_ref(x, w, a, b, s)
     if name == "dense_sails":
         return lambda x, a, b: lora_linear(x, w, a, b, s, backend="triton")
-    if name in ("sails_fused", "sails_dequant"):
-        path = name.removeprefix("sails_")
-        return lambda x, a, b: qlora_linear(x, nf4, a, b, s, backend="triton", path=path)
+    if name in ("sails_fused", "sails_dequant", "sails_cublas"):
+        strategy = name.removeprefix(STRATEGY_PREFIX)
+        return lambda x, a, b: qlora_linear(x, nf4, a, b, s, backend="triton", strategy=strategy)
     if name == "peft_bnb":
         from peft import LoraConfig, get_peft_model
         from torch import nn
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", nargs="*", default=["dequant", "qlora"], choices=["dequant", "qlora"])
     parser.add_argument("--providers", nargs="*", default=None)
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/nf4.csv")
+    parser.add_argument("--write-strategy-table", action="store_true", help="record the fastest strategy")
     args = parser.parse_args(argv)
     set_cpu_threads()
 
@@ -289,6 +299,20 @@ def main(argv: list[str] | None = None) -> None:
         print("bitsandbytes is not installed: no 'bnb' / 'peft_bnb' rows; quantize_nf4 made the weights.")
     if not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows('nf4.csv', rows)}")
+    if args.write_strategy_table:
+        write_strategy_table("qlora_linear", strategy_choices(rows, args.rank), args.device)
+
+
+def strategy_choices(rows: list[Row], r: int) -> dict[str, str]:
+    """{strategy-table shape bucket: the fastest strategy} from this run's fwd+bwd QLoRA rows."""
+    from sails_fast.strategy import shape_key
+
+    qlora_rows = [row for row in rows if row.provider in QLORA_PROVIDERS]
+    choices = {}
+    for (_, _, dims, _), choice in fastest_strategies(qlora_rows, STRATEGY_PREFIX).items():
+        m, k, n = (int(v) for v in re.findall(r"[MKN]=(\d+)", dims))
+        choices[shape_key("qlora_linear", M=m, K=k, N=n, R=r)] = choice
+    return choices
 
 
 def _goal_summary(rows: list[Row]) -> list[str]:

@@ -8,8 +8,12 @@ Providers:
   "sae_lens"    SAELens' sae.encode (dense [T, F]) + per-class torch reductions (sum, sum of squares,
                 count, max/argmax): what users write today. "dense_torch" (SAEWeights.encode, the same
                 math) stands in where sae-lens is not installed (the GPU machine).
-  "sails_fast"  sae_feature_stats: the Triton kernel on CUDA; on CPU its torch backend (the chunked
+  "sails_fast"  sae_feature_stats: strategy "auto" on CUDA; on CPU its torch backend (the chunked
                 reference), labelled "sails_fast[torch]" (the interpreter is no speed measure).
+  "sails_fast:fused", "sails_fast:chunked"   each strategy (CUDA): the one-pass Triton kernel; torch's
+                GEMM into fp32 chunks of at most 256 MiB reduced by a Triton kernel.
+`--write-strategy-table` records the faster strategy per shape for this GPU in
+sails_fast/strategy_table.json, which "auto" reads.
 sails_fast's statistics are checked against the dense computation before anything is timed. Peak
 memory: torch.cuda.max_memory_allocated above the inputs on CUDA; on CPU the peak RSS above the current
 RSS (VmHWM reset through /proc/self/clear_refs). Rows go to benchmarks/results/sae_stats.csv.
@@ -18,6 +22,7 @@ RSS (VmHWM reset through /proc/self/clear_refs). Rows go to benchmarks/results/s
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +30,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Row, append_rows, environment, peak_memory_mb, print_rows, set_cpu_threads, time_fn  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    append_rows,
+    environment,
+    fastest_strategies,
+    peak_memory_mb,
+    print_rows,
+    set_cpu_threads,
+    time_fn,
+    write_strategy_table,
+)
 from shapes import GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
 from sails_fast import FeatureStats, SAEWeights, sae_feature_stats  # noqa: E402
 
-PROVIDERS = ("gemm", "sae_lens", "sails_fast")
+STRATEGY_PREFIX = "sails_fast:"
+PROVIDERS = ("gemm", "sae_lens", "sails_fast", "sails_fast:fused", "sails_fast:chunked")
 NUM_CLASSES = 2
 
 
@@ -95,12 +111,18 @@ def provider_fn(name: str, sae: SAEWeights, x, labels, w) -> tuple[str, Callable
         backend = "triton" if x.is_cuda else "torch"
         label = "sails_fast" if x.is_cuda else "sails_fast[torch]"
         return label, lambda: sae_feature_stats(x, sae, labels, token_weights=w, backend=backend)
+    if name.startswith(STRATEGY_PREFIX):
+        strategy = name.removeprefix(STRATEGY_PREFIX)
+        return name, lambda: sae_feature_stats(
+            x, sae, labels, token_weights=w, backend="triton", strategy=strategy
+        )
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")
 
 
-def check(sae: SAEWeights, x, labels, w, dtype: torch.dtype) -> float:
-    """Max relative act_sum error of sails_fast against the dense computation; raises on a mismatch."""
-    _, ours_fn = provider_fn("sails_fast", sae, x, labels, w)
+def check(sae: SAEWeights, x, labels, w, dtype: torch.dtype, provider: str = "sails_fast") -> float:
+    """Max relative act_sum error of a sails_fast provider against the dense computation; raises on a
+    mismatch."""
+    _, ours_fn = provider_fn(provider, sae, x, labels, w)
     ours = ours_fn()
     ref = dense_stats(sae.to(dtype=torch.float32).encode(x.float()), labels, w)
     if not torch.equal(ours.token_count, ref.token_count):
@@ -134,11 +156,13 @@ def cpu_peak_mb(fn: Callable[[], object]) -> float | None:
 def bench_case(model: str, T: int, dtype: torch.dtype, device: str, providers, reps: int) -> list[Row]:
     d, F = MODELS[model].hidden, MODELS[model].sae_width
     sae, x, labels, w = make_case(T, d, F, dtype, device)
-    err = check(sae, x, labels, w, dtype)
     env = environment(device)
     rows = []
     for provider in providers:
+        if provider.startswith(STRATEGY_PREFIX) and device == "cpu":
+            continue  # the Triton strategies run on CPU only in the interpreter: no speed measure
         label, fn = provider_fn(provider, sae, x, labels, w)
+        err = check(sae, x, labels, w, dtype, provider) if provider.startswith("sails_fast") else None
         t = time_fn(fn, device, warmup=1, reps=reps)
         peak = peak_memory_mb(fn, device) if device != "cpu" else cpu_peak_mb(fn)
         rows.append(
@@ -155,7 +179,7 @@ def bench_case(model: str, T: int, dtype: torch.dtype, device: str, providers, r
                 p80_ms=t.p80_ms,
                 tflops=2 * T * d * F / (t.median_ms * 1e-3) / 1e12,
                 peak_mem_mb=peak,
-                max_abs_err=err if provider == "sails_fast" else None,
+                max_abs_err=err,
                 note="" if device != "cpu" else "CPU row; sails_fast on its torch backend",
                 env=env,
             )
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--write-strategy-table", action="store_true", help="record the faster strategy")
     args = parser.parse_args(argv)
     set_cpu_threads()
 
@@ -193,6 +218,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r.provider:18} peak memory above inputs: {peak}")
     if not args.no_save:
         print(f"appended {len(rows)} rows to {append_rows('sae_stats.csv', rows)}")
+    if args.write_strategy_table:
+        write_strategy_table("sae_feature_stats", strategy_choices(rows), args.device)
+
+
+def strategy_choices(rows: list[Row]) -> dict[str, str]:
+    """{strategy-table shape bucket: the faster strategy} from this run's rows."""
+    from sails_fast.strategy import shape_key
+
+    choices = {}
+    for (_, _, dims, _), choice in fastest_strategies(rows, STRATEGY_PREFIX, mode="fwd").items():
+        T, d, F = (int(v) for v in re.findall(r"[TdF]=(\d+)", dims))
+        choices[shape_key("sae_feature_stats", T=T, d=d, F=F)] = choice
+    return choices
 
 
 if __name__ == "__main__":

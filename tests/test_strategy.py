@@ -161,3 +161,23 @@ def test_gemm_configs_are_pruned_to_the_gpus_shared_memory(arch):
     args32 = {**args, "x_ptr": torch.empty(1, dtype=torch.float32)}
     with _triton.simulate_target(target):
         assert all(c.kwargs["BLOCK_K"] == 32 for c in prune(configs, args32))
+
+
+def test_benchmarks_turn_their_rows_into_table_entries():
+    """The GPU benchmarks' --write-strategy-table: the faster strategy per case, keyed like "auto" looks
+    it up; refused on a CPU run (a CPU timing says nothing about a GPU)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_lora
+    from _common import Row, write_strategy_table
+
+    def row(provider, ms, mode="fwd+bwd"):
+        return Row("lora_linear", "gemma-2-9b", "q_proj", "M=8192 K=3584 N=4096 r=16", "bfloat16",
+                   provider, mode, ms, ms, ms)  # fmt: skip
+
+    rows = [row("base", 1.0), row("sails_fast:fused", 1.2), row("sails_fast:cublas", 1.1),
+            row("sails_fast:fused", 0.1, mode="fwd")]  # fmt: skip
+    assert bench_lora.strategy_choices(rows, 16) == {"M8192_K3584_N4096_R16": "cublas"}
+    with pytest.raises(SystemExit, match="CPU"):
+        write_strategy_table("lora_linear", {"M8192_K3584_N4096_R16": "cublas"}, "cpu")
