@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-gpu test-slow demo compare bench lint format clean
+.PHONY: setup test test-gpu test-slow demo compare bench audit roofline lint format clean
 
 $(STAMP): requirements/pinned.txt requirements/nodeps.txt setup.py pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ compare: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lora.py
+
+# static audit of every Triton kernel for sm_90/89/86/80 (no GPU needed), then its README table
+audit: $(STAMP)
+	$(BIN)/python benchmarks/kernel_audit.py
+	$(BIN)/python benchmarks/kernel_audit.py --readme
+
+roofline: $(STAMP)
+	$(BIN)/python benchmarks/roofline.py --readme
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
