@@ -53,6 +53,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
 from sails_fast.roofline import DEFAULT_MAX_CHUNK_BYTES  # noqa: E402
@@ -490,15 +491,6 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- table:kernel_audit -->\n).*?(<!-- /table:kernel_audit -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("README.md has no <!-- table:kernel_audit --> block")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
-
-
 @triton.jit
 def _invalid_on_gpu_kernel(a_ptr, b_ptr, c_ptr):
     # tl.dot with an inner dimension of 8: the interpreter accepts it, a GPU compile must not
@@ -547,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return self_test(args.arch)
     if args.readme:
         with open(CSV_PATH) as f:
-            update_readme(summary_table(list(csv.DictReader(f))))
+            update_readme_table("kernel_audit", summary_table(list(csv.DictReader(f))))
         print(f"README.md summary regenerated from {CSV_PATH}")
         return 0
     if args.subset:

@@ -83,6 +83,21 @@ def render(name: str) -> str | None:
     return fn(latest_runs(rows) if has_runs else rows)
 
 
+def replace_block(text: str, name: str, table: str) -> tuple[str, int]:
+    """`text` with the block between <!-- table:NAME --> markers replaced by `table`; and the count."""
+    pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+    return pattern.subn(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+
+
+def update_readme_table(name: str, table: str) -> None:
+    """Rewrite one table block of README.md (benchmarks/kernel_audit.py and roofline.py use this)."""
+    readme = ROOT / "README.md"
+    text, count = replace_block(readme.read_text(), name, table)
+    if not count:
+        raise SystemExit(f"README.md has no <!-- table:{name} --> block")
+    readme.write_text(text)
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -90,8 +105,7 @@ def main() -> None:
         table = render(name)
         if table is None:
             continue
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
-        text, count = pattern.subn(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
+        text, count = replace_block(text, name, table)
         print(f"table {name}: {'updated' if count else 'no markers in README'}")
     readme.write_text(text)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
 from sails_fast import roofline as R  # noqa: E402
@@ -184,15 +184,6 @@ def launch_listing() -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- table:roofline -->\n).*?(<!-- /table:roofline -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("README.md has no <!-- table:roofline --> block")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", action="store_true")
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.launches:
         print(launch_listing())
     if args.readme:
-        update_readme(table)
+        update_readme_table("roofline", table)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,16 @@ def round_to(v, dtype: tl.constexpr, manual_bf16: tl.constexpr):
 
 
 @triton.jit
+def load_tile(ptr, o_rows, o_cols, m_rows, m_cols, stride_row, stride_col):
+    """The [len(o_rows), len(o_cols)] tile at `ptr`; masked lanes read 0, so they add nothing to a dot."""
+    return tl.load(
+        ptr + o_rows[:, None] * stride_row + o_cols[None, :] * stride_col,
+        mask=m_rows[:, None] & m_cols[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
 def low_rank_tile(
     left_ptr, right_ptr, o_rows, o_cols, o_r, m_rows, m_cols, m_r,
     stride_left_row, stride_left_r, stride_right_r, stride_right_col,
@@ -268,16 +278,9 @@ def low_rank_tile(
     Both operands are rounded to the activation dtype first, as PEFT's adapter runs in it; r is padded
     to the rank block (>= 16 for tl.dot on a GPU) by the masks.
     """
-    b_left = tl.load(
-        left_ptr + o_rows[:, None] * stride_left_row + o_r[None, :] * stride_left_r,
-        mask=m_rows[:, None] & m_r[None, :],
-        other=0.0,
-    )  # [BLOCK_ROWS, BLOCK_R]
-    b_right = tl.load(
-        right_ptr + o_r[:, None] * stride_right_r + o_cols[None, :] * stride_right_col,
-        mask=m_r[:, None] & m_cols[None, :],
-        other=0.0,
-    )  # [BLOCK_R, BLOCK_COLS]
+    # [BLOCK_ROWS, BLOCK_R] and [BLOCK_R, BLOCK_COLS]
+    b_left = load_tile(left_ptr, o_rows, o_r, m_rows, m_r, stride_left_row, stride_left_r)
+    b_right = load_tile(right_ptr, o_r, o_cols, m_r, m_cols, stride_right_r, stride_right_col)
     b_left = round_to(b_left.to(tl.float32), COMPUTE_DTYPE, UPCAST)
     b_right = round_to(b_right.to(tl.float32), COMPUTE_DTYPE, UPCAST)
     return dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)

@@ -22,7 +22,17 @@ import triton
 import triton.language as tl
 
 from ._gemm import INTERPRET_MATMUL_CONFIG, grouped_tile, matmul_configs, matmul_pruner
-from ._triton import INTERPRET, autotune, dot, empty, keep_mask, low_rank_term, round_to, token_bucket
+from ._triton import (
+    INTERPRET,
+    autotune,
+    dot,
+    empty,
+    keep_mask,
+    load_tile,
+    low_rank_term,
+    round_to,
+    token_bucket,
+)
 from .lora_rank import check_dropout_size, dropout_args, low_rank_fill, rank_block
 
 
@@ -75,16 +85,8 @@ def _lora_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        b_x = tl.load(
-            x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        b_wt = tl.load(
-            w_ptr + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
-            mask=m_k[:, None] & m_n[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_N]
+        b_x = load_tile(x_ptr, o_m, o_k, m_m, m_k, stride_xm, stride_xk)  # [BLOCK_M, BLOCK_K]
+        b_wt = load_tile(w_ptr, o_k, o_n, m_k, m_n, stride_wk, stride_wn)  # [BLOCK_K, BLOCK_N]
         acc = dot(b_x, b_wt, acc, UPCAST)
 
     tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :] * stride_yn,
@@ -130,16 +132,8 @@ def _lora_bwd_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        b_dy = tl.load(
-            dy_ptr + o_m[:, None] * stride_dym + o_n[None, :] * stride_dyn,
-            mask=m_m[:, None] & m_n[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_N]
-        b_w = tl.load(
-            w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk,
-            mask=m_n[:, None] & m_k[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_K]
+        b_dy = load_tile(dy_ptr, o_m, o_n, m_m, m_n, stride_dym, stride_dyn)  # [BLOCK_M, BLOCK_N]
+        b_w = load_tile(w_ptr, o_n, o_k, m_n, m_k, stride_wn, stride_wk)  # [BLOCK_N, BLOCK_K]
         acc = dot(b_dy, b_w, acc, UPCAST)
 
     tl.store(dx_ptr + o_m[:, None] * stride_dxm + o_k[None, :] * stride_dxk,

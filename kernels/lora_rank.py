@@ -25,6 +25,7 @@ from ._triton import (
     empty,
     gemm_pruner,
     keep_mask,
+    load_tile,
     low_rank_term,
     next_power_of_2,
     pipeline_smem_bytes,
@@ -142,13 +143,11 @@ def _rank_projection_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        p_x = x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk
-        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        b_x = load_tile(x_ptr, o_m, o_k, m_m, m_k, stride_xm, stride_xk)  # [BLOCK_M, BLOCK_K]
         if HAS_DROPOUT:
             b_keep = keep_mask(seed, o_m, o_k, K, dropout_p)
             b_x = tl.where(b_keep, b_x.to(tl.float32) * dropout_scale, 0.0).to(x_ptr.dtype.element_ty)
-        p_a = a_ptr + o_k[:, None] * stride_ak + o_r[None, :] * stride_ar
-        b_at = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+        b_at = load_tile(a_ptr, o_k, o_r, m_k, m_r, stride_ak, stride_ar)  # [BLOCK_K, BLOCK_R]
         acc = dot(b_x, b_at.to(x_ptr.dtype.element_ty), acc, UPCAST)
     p_o = out_ptr + o_m[:, None] * stride_om + o_r[None, :] * stride_or
     tl.store(p_o, round_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_r[None, :])
@@ -184,25 +183,15 @@ def _dy_projection_kernel(
     for n0 in range(n_begin, n_end, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < n_end
-        b_b = tl.load(
-            b_ptr + o_n[:, None] * stride_bn + o_r[None, :] * stride_br,
-            mask=m_n[:, None] & m_r[None, :],
-            other=0.0,
-        ).to(compute_dtype)  # [BLOCK_N, BLOCK_R]
+        # [BLOCK_N, BLOCK_R]
+        b_b = load_tile(b_ptr, o_n, o_r, m_n, m_r, stride_bn, stride_br).to(compute_dtype)
         acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for m0 in range(m_begin, m_end, BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)
             m_m = o_m < m_end
-            b_dy = tl.load(
-                dy_ptr + o_m[:, None] * stride_dym + o_n[None, :] * stride_dyn,
-                mask=m_m[:, None] & m_n[None, :],
-                other=0.0,
-            )  # [BLOCK_M, BLOCK_N]
-            b_xa = tl.load(
-                xa_ptr + o_m[:, None] * stride_xam + o_r[None, :] * stride_xar,
-                mask=m_m[:, None] & m_r[None, :],
-                other=0.0,
-            ).to(compute_dtype)  # [BLOCK_M, BLOCK_R]
+            b_dy = load_tile(dy_ptr, o_m, o_n, m_m, m_n, stride_dym, stride_dyn)  # [BLOCK_M, BLOCK_N]
+            # [BLOCK_M, BLOCK_R]
+            b_xa = load_tile(xa_ptr, o_m, o_r, m_m, m_r, stride_xam, stride_xar).to(compute_dtype)
             acc_db = dot(tl.trans(b_dy), b_xa, acc_db, UPCAST)
             p_g = g_part_ptr + i_j * stride_gj + o_m[:, None] * stride_gm + o_r[None, :] * stride_gr
             m_g = m_m[:, None] & m_r[None, :]
@@ -251,16 +240,8 @@ def _weight_grad_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < m_end
-        b_l = tl.load(
-            l_ptr + o_m[:, None] * stride_lm + o_p[None, :] * stride_lp,
-            mask=m_m[:, None] & m_p[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_P]
-        b_r = tl.load(
-            r_ptr + o_m[:, None] * stride_rm + o_q[None, :] * stride_rq,
-            mask=m_m[:, None] & m_q[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_Q]
+        b_l = load_tile(l_ptr, o_m, o_p, m_m, m_p, stride_lm, stride_lp)  # [BLOCK_M, BLOCK_P]
+        b_r = load_tile(r_ptr, o_m, o_q, m_m, m_q, stride_rm, stride_rq)  # [BLOCK_M, BLOCK_Q]
         if HAS_DROPOUT:
             b_keep = keep_mask(seed, o_m, o_q, Q, dropout_p)
             b_r = tl.where(b_keep, b_r.to(tl.float32) * dropout_scale, 0.0).to(compute_dtype)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import INTERPRET_NF4_CONFIG, grouped_tile, nf4_matmul_configs, nf4_matmul_pruner
-from ._triton import INTERPRET, autotune, dot, empty, low_rank_term, round_to, token_bucket
+from ._triton import INTERPRET, autotune, dot, empty, load_tile, low_rank_term, round_to, token_bucket
 from .lora_rank import rank_block
 from .nf4_ref import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 
@@ -164,11 +164,7 @@ def _qlora_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        b_x = tl.load(
-            x_ptr + o_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
+        b_x = load_tile(x_ptr, o_m, o_k, m_m, m_k, stride_xm, stride_xk)  # [BLOCK_M, BLOCK_K]
         b_w = _dequant_rows(
             packed_ptr,
             absmax_ptr,
@@ -228,11 +224,7 @@ def _qlora_bwd_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        b_dy = tl.load(
-            dy_ptr + o_m[:, None] * stride_dym + o_n[None, :] * stride_dyn,
-            mask=m_m[:, None] & m_n[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_N]
+        b_dy = load_tile(dy_ptr, o_m, o_n, m_m, m_n, stride_dym, stride_dyn)  # [BLOCK_M, BLOCK_N]
         b_w = _dequant_rows(
             packed_ptr,
             absmax_ptr,

@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import INTERPRET, MAX_BLOCK, check_gpu_dot_width, empty, next_power_of_2, round_to, target_of
+from ._triton import (
+    INTERPRET,
+    MAX_BLOCK,
+    check_gpu_dot_width,
+    empty,
+    load_tile,
+    next_power_of_2,
+    round_to,
+    target_of,
+)
 
 ACT_CODES = {"relu": 0, "jumprelu": 1, "topk": 2}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -91,16 +100,8 @@ def _pre_activation_tile(
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        b_wt = tl.load(
-            w_ptr + o_f[:, None] * stride_wf + o_d[None, :] * stride_wd,
-            mask=m_f[:, None] & m_d[None, :],
-            other=0.0,
-        )  # [BLOCK_F, BLOCK_D]
-        b_xt = tl.load(
-            x_ptr + o_d[:, None] * stride_xd + o_t[None, :] * stride_xt,
-            mask=m_d[:, None] & m_t[None, :],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_T]
+        b_wt = load_tile(w_ptr, o_f, o_d, m_f, m_d, stride_wf, stride_wd)  # [BLOCK_F, BLOCK_D]
+        b_xt = load_tile(x_ptr, o_d, o_t, m_d, m_t, stride_xd, stride_xt)  # [BLOCK_D, BLOCK_T]
         if FP32_DOT:
             # fp32 SAEs: full fp32 products (no tf32), as SAELens' fp32 matmul; also the interpreter,
             # where bf16 tl.dot is wrong
@@ -161,6 +162,20 @@ def _topk_candidates_kernel(
             b_cand = tl.where(o_col[None, :] == i_best[:, None], float("-inf"), b_cand)
     b_out = tl.where(o_k[None, :] < K, b_run, float("-inf"))
     tl.store(cand_ptr + o_t[:, None] * stride_ct + i_g * stride_cg + o_k[None, :], b_out, mask=m_t[:, None])
+
+
+@triton.jit
+def _empty_accumulators(BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A program's per-(latent, class) accumulators: sum, squares, count, max, argmax; and per class
+    the weight sum and token count."""
+    acc_sum = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
+    acc_sq = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
+    acc_cnt = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)
+    acc_max = tl.full((BLOCK_F, BLOCK_C), float("-inf"), dtype=tl.float32)
+    acc_arg = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)  # token index in the call: < 2^31
+    acc_wsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_tokens = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    return acc_sum, acc_sq, acc_cnt, acc_max, acc_arg, acc_wsum, acc_tokens
 
 
 @triton.jit
@@ -275,13 +290,7 @@ def _sae_stats_kernel(
     i_f, i_s = _grouped_slice_and_split(tl.cdiv(F, BLOCK_F), n_splits, GROUP_F)
     o_f = i_f * BLOCK_F + tl.arange(0, BLOCK_F)
     m_f = o_f < F
-    acc_sum = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
-    acc_sq = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
-    acc_cnt = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)
-    acc_max = tl.full((BLOCK_F, BLOCK_C), float("-inf"), dtype=tl.float32)
-    acc_arg = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)  # token index in the call: < 2^31
-    acc_wsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_tokens = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    acc_sum, acc_sq, acc_cnt, acc_max, acc_arg, acc_wsum, acc_tokens = _empty_accumulators(BLOCK_F, BLOCK_C)
     t_begin = i_s * rows_per_split
     t_end = tl.minimum(T, t_begin + rows_per_split)
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -316,21 +325,13 @@ def _chunk_stats_kernel(
     i_s = tl.program_id(1).to(tl.int64)
     o_f = i_f * BLOCK_F + tl.arange(0, BLOCK_F)
     m_f = o_f < F
-    acc_sum = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
-    acc_sq = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.float32)
-    acc_cnt = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)
-    acc_max = tl.full((BLOCK_F, BLOCK_C), float("-inf"), dtype=tl.float32)
-    acc_arg = tl.zeros((BLOCK_F, BLOCK_C), dtype=tl.int32)  # token index in the call: < 2^31
-    acc_wsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_tokens = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    acc_sum, acc_sq, acc_cnt, acc_max, acc_arg, acc_wsum, acc_tokens = _empty_accumulators(BLOCK_F, BLOCK_C)
     t_begin = i_s * rows_per_split
     t_end = tl.minimum(T, t_begin + rows_per_split)
     for t0 in range(t_begin, t_end, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
         m_t = o_t < t_end
-        b_pre = tl.load(
-            pre_ptr + o_t[None, :] * stride_pt + o_f[:, None], mask=m_f[:, None] & m_t[None, :], other=0.0
-        )  # [BLOCK_F, BLOCK_T]
+        b_pre = load_tile(pre_ptr, o_f, o_t, m_f, m_t, 1, stride_pt)  # [BLOCK_F, BLOCK_T]
         acc_sum, acc_sq, acc_cnt, acc_max, acc_arg, acc_wsum, acc_tokens = _fold_tile(
             b_pre, t0, o_t, m_t, o_f, m_f, label_ptr, tw_ptr, thr_ptr, kth_ptr, token_offset, i_f == 0,
             acc_sum, acc_sq, acc_cnt, acc_max, acc_arg, acc_wsum, acc_tokens,
