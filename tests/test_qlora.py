@@ -223,8 +223,9 @@ PEFT_CASES = [(torch.float32, 0.0), (torch.float16, 0.0), (torch.bfloat16, 0.0),
 
 
 @needs_bnb
+@pytest.mark.parametrize("strategy", PATHS)
 @pytest.mark.parametrize(("dtype", "dropout_p"), PEFT_CASES, ids=[f"{d}-{p}" for d, p in PEFT_CASES])
-def test_matches_peft_bnb_linear4bit(dtype, dropout_p, kernel_device):
+def test_matches_peft_bnb_linear4bit(dtype, dropout_p, strategy, kernel_device):
     """External oracle: PEFT's lora.bnb.Linear4bit on bitsandbytes' own NF4 weight; ours reads that weight
     through NF4Weight.from_bnb (no re-quantisation)."""
     from sails_fast.kernels.lora import lora_dropout_mask
@@ -253,11 +254,12 @@ def test_matches_peft_bnb_linear4bit(dtype, dropout_p, kernel_device):
     # the adapters stay fp32, as PEFT keeps them over a quantised base
     aa, bb = a.to(kernel_device).requires_grad_(), b.to(kernel_device).requires_grad_()
     y = qlora_linear(
-        xx, nf4, aa, bb, alpha / r, bias.to(kernel_device), dropout_p, backend="triton", seed=seed
-    )
+        xx, nf4, aa, bb, alpha / r, bias.to(kernel_device), dropout_p, backend="triton", seed=seed,
+        strategy=strategy,
+    )  # fmt: skip
     ours = (y, *torch.autograd.grad(y, (xx, aa, bb), dy.to(kernel_device, dtype)))
     for name, o, r32, rlo in zip(("y", "dx", "dA", "dB"), ours, ref32, ref_lo, strict=True):
-        assert_close(f"peft/{name}", o, r32, rlo, dtype)
+        assert_close(f"peft/{strategy}/{name}", o, r32, rlo, dtype)
 
 
 def test_nf4_lora_linear_module(kernel_device):

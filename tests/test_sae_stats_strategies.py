@@ -45,6 +45,21 @@ def test_chunked_matches_sae_lens_across_chunks(arch, deterministic):
     check_stats(stats, sae_lens_oracle(sae_lens, x, labels, w, C))
 
 
+def test_chunked_never_holds_more_than_a_chunk(monkeypatch):
+    """The chunked strategy's GEMM output is [T_c, F] with 4 * T_c * F <= max_chunk_bytes: memory
+    O(chunk x F), never O(T x F)."""
+    shapes = []
+    encode = KS.encode_fp32
+    monkeypatch.setattr(KS, "encode_fp32", lambda x, sae: shapes.append(tuple(x.shape)) or encode(x, sae))
+    sae = SAEWeights.from_sae_lens(make_sae_lens("standard", 32, 100))
+    limit = 4 * 100 * 7
+    sae_feature_stats(
+        make_x(50, 32), sae, make_labels(50, 2), backend="triton", strategy="chunked", max_chunk_bytes=limit
+    )
+    assert sum(t for t, _ in shapes) == 50 and len(shapes) == 8
+    assert all(4 * t * 100 <= limit for t, _ in shapes)
+
+
 @pytest.mark.parametrize("strategy", ["fused", "chunked"])
 def test_strategies_agree_on_a_bf16_sae(strategy):
     sae = SAEWeights.from_sae_lens(make_sae_lens("jumprelu", 64, 300, k=8)).to(dtype=torch.bfloat16)
