@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# where rows go: the committed results, or (benchmarks/gpu_check.py on a lent GPU) a folder of that run
+RESULTS_DIR = Path(os.environ.get("SAILS_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 # the same rule as tests/helpers.py: twice the low-precision reference's own error, plus a floor
 ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -213,3 +214,11 @@ def write_strategy_table(op: str, choices: dict[str, str], device: str) -> None:
     for key, choice in sorted(entries.items()):
         print(f"strategy table: {key} -> {choice}")
     print(f"wrote {len(entries)} entries to {path}")
+
+
+def config_text(constexprs: dict[str, object], num_warps: int, num_stages: int) -> str:
+    """How benchmarks/kernel_audit.py and gpu_check.py name a compiled kernel's config: its block
+    constexprs, warps and stages ("K=64 M=128 N=256 R=16 GROUP_M=8 w8 s3")."""
+    blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
+    text = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in sorted(blocks.items()))
+    return f"{text} w{num_warps} s{num_stages}"

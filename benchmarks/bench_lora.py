@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=GOAL_RANK)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument(
+        "--projs", nargs="*", default=None, help="projection names (default: a few per model)"
+    )
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     parser.add_argument(
         "--no-save", action="store_true", help="print only; do not append to results/lora.csv"
@@ -218,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     tokens = args.tokens or (GOAL_TOKENS_LORA if cuda else 2048)
     models = args.models or (["smollm2-135m"] if quick else list(MODELS))
-    projs = ["q_proj", "gate_proj"] if quick else ["q_proj", "o_proj", "gate_proj", "down_proj"]
+    projs = args.projs or (
+        ["q_proj", "gate_proj"] if quick else ["q_proj", "o_proj", "gate_proj", "down_proj"]
+    )
     rows = []
     for model in models:
         for proj in projs:

@@ -53,6 +53,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import config_text  # noqa: E402
 from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
@@ -254,18 +255,6 @@ CASES = {"lora": lora_cases, "nf4": nf4_cases, "sae_stats": sae_stats_cases}
 # ------------------------------------------------------------------ binding and compiling like a launch
 
 
-def _config_text(fn: JITFunction, constexprs: dict, options) -> str:
-    names = {p.name: p for p in fn.params}
-    blocks = {
-        fn.params[path[0]].name: value
-        for path, value in constexprs.items()
-        if fn.params[path[0]].name.startswith("BLOCK_") or fn.params[path[0]].name == "GROUP_M"
-    }
-    del names
-    text = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in sorted(blocks.items()))
-    return f"{text} w{options.num_warps} s{options.num_stages}"
-
-
 def bind(launch: Launch, arch: int):
     """(signature, constexprs, attrs, options) exactly as triton's launcher would build them."""
     backend = CUDABackend(GPUTarget("cuda", arch, 32))
@@ -292,8 +281,10 @@ def collect_variants(op: str, arch: int, dtype: str, models: list[str], subset: 
                 parts = (signature, sorted(constexprs.items()), sorted(attrs.items()), kept_options)
                 key = (launch.fn.__name__, repr(parts))
                 if key not in variants:
+                    names = {launch.fn.params[p[0]].name: v for p, v in constexprs.items()}
+                    config = config_text(names, options.num_warps, options.num_stages)
                     variants[key] = Variant(
-                        op, launch.fn.__name__, arch, dtype, _config_text(launch.fn, constexprs, options),
+                        op, launch.fn.__name__, arch, dtype, config,
                         options.num_warps, options.num_stages, signature, constexprs, attrs,
                         kept_options, launch.fn,
                     )  # fmt: skip
