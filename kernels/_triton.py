@@ -238,6 +238,19 @@ def dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def rank_dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc += a @ b for the rank-r products of LoRA. With fp32 operands (PEFT's default: fp32 adapters
+    over a 16-bit base) they run as three TF32 products on the tensor cores ("tf32x3", within a few
+    ulp of fp32) instead of the FMA units: the rank-r term is then computed in fp32 as PEFT does, at a
+    tensor-core price. 16-bit operands: as `dot`."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def to_bf16_rne(v):
     """Round fp32 to the nearest bf16 (ties to even), returned as fp32; casting it to bf16 is then exact.
 
@@ -275,15 +288,16 @@ def low_rank_tile(
 ):  # fmt: skip
     """The rank-r term of a LoRA epilogue: left[rows, :r] @ right[:r, cols], fp32 accumulation.
 
-    Both operands are rounded to the activation dtype first, as PEFT's adapter runs in it; r is padded
-    to the rank block (>= 16 for tl.dot on a GPU) by the masks.
+    Both operands are rounded to COMPUTE_DTYPE first, the adapter's dtype (PEFT casts the adapter's
+    input to lora_A's dtype and runs both adapter GEMMs in it); r is padded to the rank block (>= 16
+    for tl.dot on a GPU) by the masks.
     """
     # [BLOCK_ROWS, BLOCK_R] and [BLOCK_R, BLOCK_COLS]
     b_left = load_tile(left_ptr, o_rows, o_r, m_rows, m_r, stride_left_row, stride_left_r)
     b_right = load_tile(right_ptr, o_r, o_cols, m_r, m_cols, stride_right_r, stride_right_col)
     b_left = round_to(b_left.to(tl.float32), COMPUTE_DTYPE, UPCAST)
     b_right = round_to(b_right.to(tl.float32), COMPUTE_DTYPE, UPCAST)
-    return dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)
+    return rank_dot(b_left, b_right, tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32), UPCAST)
 
 
 @triton.jit

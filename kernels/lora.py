@@ -75,10 +75,10 @@ def _lora_fwd_kernel(
     m_m = o_m < M
     m_n = o_n < N
     m_r = o_r < R
-    compute_dtype = x_ptr.dtype.element_ty
+    # the adapter's dtype: xa is stored in it (PEFT runs the adapter in lora_A's dtype)
+    compute_dtype = xa_ptr.dtype.element_ty
 
-    # the accumulator starts as the rank-r term and bias, so they need no second register tile; the
-    # adapter output is rounded to the activation dtype first, as PEFT's lora_A output is
+    # the accumulator starts as the rank-r term and bias, so they need no second register tile
     acc = low_rank_term(xa_ptr, b_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
                         stride_xam, stride_xar, stride_br, stride_bn, scaling, 0, 0.0, 1.0, N,
                         HAS_BIAS, False, compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
@@ -121,7 +121,7 @@ def _lora_bwd_dx_kernel(
     m_m = o_m < M
     m_k = o_k < K
     m_r = o_r < R
-    compute_dtype = dy_ptr.dtype.element_ty
+    compute_dtype = g_ptr.dtype.element_ty  # the adapter's dtype
 
     # the accumulator starts as the rank-r term, with the forward's dropout keep-mask regenerated from
     # the seed, so it needs no second register tile

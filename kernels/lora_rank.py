@@ -21,7 +21,6 @@ from ._triton import (
     INTERPRET,
     autotune,
     check_gpu_dot_width,
-    dot,
     empty,
     gemm_pruner,
     keep_mask,
@@ -29,6 +28,7 @@ from ._triton import (
     low_rank_term,
     next_power_of_2,
     pipeline_smem_bytes,
+    rank_dot,
     round_to,
     target_of,
     token_bucket,
@@ -131,9 +131,10 @@ def _rank_projection_kernel(
 ):  # fmt: skip
     """out[M, R] = dropout(x)[M, K] @ A[R, K]^T, fp32 accumulation, rounded once to out's dtype.
 
-    A is read in x's dtype (PEFT's adapter runs in the activation dtype); M_BUCKET is only the
-    autotune key.
+    The product runs in A's dtype, as PEFT casts x to lora_A's dtype (fp32 adapters over a bf16 base:
+    an fp32 product); M_BUCKET is only the autotune key.
     """
+    adapter_dtype = a_ptr.dtype.element_ty
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.arange(0, BLOCK_R)
@@ -146,9 +147,9 @@ def _rank_projection_kernel(
         b_x = load_tile(x_ptr, o_m, o_k, m_m, m_k, stride_xm, stride_xk)  # [BLOCK_M, BLOCK_K]
         if HAS_DROPOUT:
             b_keep = keep_mask(seed, o_m, o_k, K, dropout_p)
-            b_x = tl.where(b_keep, b_x.to(tl.float32) * dropout_scale, 0.0).to(x_ptr.dtype.element_ty)
+            b_x = tl.where(b_keep, b_x.to(tl.float32) * dropout_scale, 0.0)
         b_at = load_tile(a_ptr, o_k, o_r, m_k, m_r, stride_ak, stride_ar)  # [BLOCK_K, BLOCK_R]
-        acc = dot(b_x, b_at.to(x_ptr.dtype.element_ty), acc, UPCAST)
+        acc = rank_dot(round_to(b_x.to(tl.float32), adapter_dtype, UPCAST), b_at, acc, UPCAST)
     p_o = out_ptr + o_m[:, None] * stride_om + o_r[None, :] * stride_or
     tl.store(p_o, round_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_r[None, :])
 
@@ -169,7 +170,8 @@ def _dy_projection_kernel(
 
     dB accumulates in registers across the program's rows; g, whose reduction runs across the column
     tiles, is read-modify-written in the program's own slice of g_part (no other program touches it,
-    so there are no atomics and the result is deterministic). B and xa are read in dy's dtype.
+    so there are no atomics and the result is deterministic). Both products run in B's dtype, the
+    adapter's (PEFT's autograd runs lora_B's backward in it).
     """
     i_j = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -177,7 +179,7 @@ def _dy_projection_kernel(
     m_end = tl.minimum(M, m_begin + rows_per_split)
     n_begin = i_j * cols_per_group
     n_end = tl.minimum(N, n_begin + cols_per_group)
-    compute_dtype = dy_ptr.dtype.element_ty
+    compute_dtype = b_ptr.dtype.element_ty
     o_r = tl.arange(0, BLOCK_R)
     m_r = o_r < R
     for n0 in range(n_begin, n_end, BLOCK_N):
@@ -189,13 +191,13 @@ def _dy_projection_kernel(
         for m0 in range(m_begin, m_end, BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)
             m_m = o_m < m_end
-            b_dy = load_tile(dy_ptr, o_m, o_n, m_m, m_n, stride_dym, stride_dyn)  # [BLOCK_M, BLOCK_N]
-            # [BLOCK_M, BLOCK_R]
+            # [BLOCK_M, BLOCK_N] and [BLOCK_M, BLOCK_R]
+            b_dy = load_tile(dy_ptr, o_m, o_n, m_m, m_n, stride_dym, stride_dyn).to(compute_dtype)
             b_xa = load_tile(xa_ptr, o_m, o_r, m_m, m_r, stride_xam, stride_xar).to(compute_dtype)
-            acc_db = dot(tl.trans(b_dy), b_xa, acc_db, UPCAST)
+            acc_db = rank_dot(tl.trans(b_dy), b_xa, acc_db, UPCAST)
             p_g = g_part_ptr + i_j * stride_gj + o_m[:, None] * stride_gm + o_r[None, :] * stride_gr
             m_g = m_m[:, None] & m_r[None, :]
-            b_g = dot(b_dy, b_b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST)  # [BLOCK_M, BLOCK_R]
+            b_g = rank_dot(b_dy, b_b, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), UPCAST)  # [M, R] tile
             if n0 != n_begin:
                 b_g += tl.load(p_g, mask=m_g, other=0.0)
             tl.store(p_g, b_g, mask=m_g)
@@ -218,7 +220,8 @@ def _weight_grad_kernel(
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """out[s, P, Q] = L[rows of split s]^T @ dropout(R)[rows of split s], in R's dtype, fp32 partials.
+    """out[s, P, Q] = L[rows of split s]^T @ dropout(R)[rows of split s], in L's dtype (g: the adapter's),
+    fp32 partials.
 
     dA = g^T @ dropout(x) is this reduction over the M tokens with P = r small. Splitting M over
     programs keeps a GPU busy; the partials are summed by the launcher in a fixed order.
@@ -230,7 +233,7 @@ def _weight_grad_kernel(
     o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     m_p = o_p < P
     m_q = o_q < Q
-    compute_dtype = r_ptr.dtype.element_ty
+    compute_dtype = l_ptr.dtype.element_ty
     m_begin = i_s * rows_per_split
     m_end = tl.minimum(M, m_begin + rows_per_split)
 
@@ -244,8 +247,9 @@ def _weight_grad_kernel(
         b_r = load_tile(r_ptr, o_m, o_q, m_m, m_q, stride_rm, stride_rq)  # [BLOCK_M, BLOCK_Q]
         if HAS_DROPOUT:
             b_keep = keep_mask(seed, o_m, o_q, Q, dropout_p)
-            b_r = tl.where(b_keep, b_r.to(tl.float32) * dropout_scale, 0.0).to(compute_dtype)
-        acc = dot(tl.trans(b_r), b_l.to(compute_dtype), acc, UPCAST)
+            b_r = tl.where(b_keep, b_r.to(tl.float32) * dropout_scale, 0.0)
+        b_r = round_to(b_r.to(tl.float32), compute_dtype, UPCAST)
+        acc = rank_dot(tl.trans(b_r.to(compute_dtype)), b_l, acc, UPCAST)
     tl.store(out_ptr + i_s * stride_os + o_q[:, None] * stride_oq + o_p[None, :] * stride_op,
              acc, mask=m_q[:, None] & m_p[None, :])  # fmt: skip
 
@@ -261,7 +265,7 @@ def _low_rank_fill_kernel(
 ):  # fmt: skip
     """out[M, N] = scaling * dropout'(left[M, R] @ right[R, N]) + bias, rounded once to out's dtype.
 
-    The rank-r operands are rounded to out's dtype first, as in the fused kernels' epilogue; the
+    The rank-r product runs in left's dtype (the adapter's), as in the fused kernels' epilogue; the
     dropout keep-mask is the one of an [M, N] input (the backward's dx: N is the layer's in_features).
     """
     i_m = tl.program_id(0).to(tl.int64)
@@ -275,20 +279,20 @@ def _low_rank_fill_kernel(
     b_out = low_rank_term(left_ptr, right_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
                           stride_lm, stride_lr, stride_rr, stride_rn,
                           scaling, seed, dropout_p, dropout_scale, N,
-                          HAS_BIAS, HAS_DROPOUT, out_ptr.dtype.element_ty, UPCAST,
+                          HAS_BIAS, HAS_DROPOUT, left_ptr.dtype.element_ty, UPCAST,
                           BLOCK_M, BLOCK_N)  # fmt: skip
     tl.store(out_ptr + o_m[:, None] * stride_om + o_n[None, :] * stride_on,
              round_to(b_out, out_ptr.dtype.element_ty, UPCAST), mask=m_m[:, None] & m_n[None, :])  # fmt: skip
 
 
 def rank_projection(x: torch.Tensor, a: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """out[M, R] = dropout(x) @ a^T in x's dtype (fp32 accumulation). x [M, K]; a [R, K], any float dtype."""
+    """out[M, R] = dropout(x) @ a^T in a's dtype, the adapter's (fp32 accumulation). x [M, K]; a [R, K]."""
     M, K = x.shape
     R = a.shape[0]
     if a.shape[1] != K:
         raise ValueError(f"a: expected shape [R, {K}], got {list(a.shape)}")
     check_dropout_size(M * K, dropout_p)
-    out = empty((M, R), x.dtype, x.device)
+    out = empty((M, R), a.dtype, x.device)
     p, p_scale = dropout_args(dropout_p)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
     _rank_projection_kernel[grid](
@@ -316,9 +320,8 @@ def _dy_projection_grid(M: int, N: int, R: int, device: torch.device, blocks: di
 def dy_projections(
     dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g [M, R] in dy's dtype, dB [N, R] fp32) = (dy @ lora_B, scaling * dy^T @ xa) from one read of dy.
-
-    g is rounded to dy's dtype once, as PEFT's autograd returns it (it feeds dx and dA in that dtype).
+    """(g [M, R], dB [N, R] fp32) = (dy @ lora_B, scaling * dy^T @ xa) from one read of dy, in lora_B's
+    dtype (the adapter's): g is rounded to it once, as PEFT's autograd returns it (it feeds dx and dA).
     """
     M, N = dy.shape
     R = lora_B.shape[1]
@@ -344,7 +347,7 @@ def dy_projections(
         num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
     )  # fmt: skip
     # fixed-order sums: deterministic
-    g = (g_part[0] if groups == 1 else g_part.sum(0)).to(dy.dtype)
+    g = (g_part[0] if groups == 1 else g_part.sum(0)).to(lora_B.dtype)
     db = (db_part[0] if splits == 1 else db_part.sum(0)).mul_(scaling)
     return g, db
 
@@ -363,9 +366,9 @@ def lora_weight_grad(
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """out[P, Q] = scale * left^T @ dropout(right), fp32. left [M, P] (P small: the rank); right [M, Q]
-    sets the compute dtype. With dropout, the keep-mask is indexed as for an [M, Q] tensor, i.e. `right`
-    must be the layer input."""
+    """out[P, Q] = scale * left^T @ dropout(right), fp32. left [M, P] (P small: the rank, g in the
+    adapter's dtype) sets the compute dtype; right [M, Q]. With dropout, the keep-mask is indexed as for
+    an [M, Q] tensor, i.e. `right` must be the layer input."""
     M, P = left.shape
     Q = right.shape[1]
     check_dropout_size(M * Q, dropout_p)

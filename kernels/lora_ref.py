@@ -1,8 +1,11 @@
 """Plain PyTorch reference for the fused LoRA linear: the test oracle and the CPU backend.
 
-Same math and signature as `sails_fast.lora_linear` (PEFT's lora.Linear):
+Same math and signature as `sails_fast.lora_linear` (PEFT's lora.Linear, dtypes included):
 
     y = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T
+
+The base runs in x's dtype; the adapter in lora_A's dtype (PEFT casts the adapter's input to it, so fp32
+adapters over a bf16 base give an fp32 adapter term), and the sum is rounded to x's dtype.
 
 Imports no triton. Autograd comes from PyTorch.
 """
@@ -29,8 +32,8 @@ def lora_linear_ref(
     Args:
         x: [..., in].
         weight: [out, in]. bias: [out] or None.
-        lora_A: [r, in]. lora_B: [out, r]. Cast to x's dtype, as PEFT casts x to the adapter's dtype
-            only when they differ; here the adapter product runs in the activation dtype.
+        lora_A: [r, in]. lora_B: [out, r] (read in lora_A's dtype). The adapter product runs in lora_A's
+            dtype, as PEFT's: x is cast to it, dropout applied there.
         scaling: alpha / r (or alpha / sqrt(r)).
         dropout_p: dropout probability on the adapter input.
         dropout_mask: optional boolean keep-mask shaped like x; when given it replaces a fresh Bernoulli
@@ -39,11 +42,13 @@ def lora_linear_ref(
         [..., out] in x's dtype.
     """
     base = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    x_adapter = x
+    adapter_dtype = lora_A.dtype
+    x_adapter = x.to(adapter_dtype)
     if dropout_p > 0.0:
         keep = (
             dropout_mask if dropout_mask is not None else torch.rand_like(x, dtype=torch.float32) >= dropout_p
         )
-        x_adapter = x * keep.to(x.dtype) / (1.0 - dropout_p)
-    xa = F.linear(x_adapter, lora_A.to(x.dtype))
-    return base + scaling * F.linear(xa, lora_B.to(x.dtype))
+        x_adapter = x_adapter * keep.to(adapter_dtype) / (1.0 - dropout_p)
+    xa = F.linear(x_adapter, lora_A)
+    adapter = F.linear(xa, lora_B.to(adapter_dtype)) * scaling
+    return (base + adapter).to(x.dtype)

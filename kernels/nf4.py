@@ -155,12 +155,12 @@ def _qlora_fwd_kernel(
     m_n = o_n < N
     m_r = o_r < R
     compute_dtype = x_ptr.dtype.element_ty
+    adapter_dtype = xa_ptr.dtype.element_ty
 
-    # the accumulator starts as the rank-r term and bias, so they need no second register tile; the
-    # adapter output is rounded to the activation dtype first, as PEFT's lora_A output is
+    # the accumulator starts as the rank-r term and bias, so they need no second register tile
     acc = low_rank_term(xa_ptr, b_ptr, bias_ptr, o_m, o_n, o_r, m_m, m_n, m_r,
                         stride_xam, stride_xar, stride_br, stride_bn, scaling, 0, 0.0, 1.0, N,
-                        HAS_BIAS, False, compute_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
+                        HAS_BIAS, False, adapter_dtype, UPCAST, BLOCK_M, BLOCK_N)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
@@ -214,13 +214,14 @@ def _qlora_bwd_dx_kernel(
     m_k = o_k < K
     m_r = o_r < R
     compute_dtype = dy_ptr.dtype.element_ty
+    adapter_dtype = g_ptr.dtype.element_ty
 
     # the accumulator starts as the rank-r term, with the forward's dropout keep-mask regenerated from
     # the seed, so it needs no second register tile
     acc = low_rank_term(g_ptr, a_ptr, a_ptr, o_m, o_k, o_r, m_m, m_k, m_r,
                         stride_gm, stride_gr, stride_ar, stride_ak,
                         scaling, seed, dropout_p, dropout_scale, K,
-                        False, HAS_DROPOUT, compute_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
+                        False, HAS_DROPOUT, adapter_dtype, UPCAST, BLOCK_M, BLOCK_K)  # fmt: skip
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N

@@ -3,6 +3,7 @@
 Stable public API (everything else is internal and may move):
 """
 
+from .integrations.peft import FuseReport, fuse_lora, is_fused, unfuse_lora
 from .lora import FusedLoraLinear, lora_linear
 from .nf4 import NF4LoraLinear, NF4Weight, dequantize_nf4, qlora_linear, quantize_model_nf4, quantize_nf4
 from .sae import SAEWeights, load_sae
@@ -28,6 +29,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedLoraLinear",
     "lora_linear",
+    "fuse_lora",
+    "unfuse_lora",
+    "is_fused",
+    "FuseReport",
     "NF4Weight",
     "NF4LoraLinear",
     "quantize_nf4",

@@ -1,13 +1,13 @@
-"""The fused LoRA linear: autograd Function, public function and nn.Module.
+"""The fused LoRA linear: public function and nn.Module.
 
-Kernels and launchers live in `sails_fast.kernels.lora`; the plain reference in
+The registered operator with its autograd is `sails_fast.ops` (torch.library: `torch.compile` keeps it
+whole); kernels and launchers live in `sails_fast.kernels.lora` and `lora_rank`; the plain reference in
 `sails_fast.kernels.lora_ref`, which is also the CPU backend.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Literal
 
 import torch
@@ -16,76 +16,25 @@ from torch import nn
 from . import strategy as strategies
 from ._backend import resolve_backend
 from .kernels.lora_ref import lora_linear_ref
+from .ops import seed_tensor
 
 Backend = Literal["auto", "triton", "torch"]
 Strategy = Literal["auto", "fused", "cublas"]
 
 
-def _draw_seed() -> int:
-    # drawn from torch's default generator, so torch.manual_seed makes dropout reproducible
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on this device type, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Saves x, the adapters, xa [M, r] (x's dtype) and the dropout seed; nothing of size [M, out].
-
-    `strategy` is "fused" (Triton GEMMs with the rank-r term in their epilogue) or "cublas" (torch's GEMM
-    accumulating into a buffer a Triton kernel filled with the rank-r term); the rank-r passes are the
-    same Triton kernels either way.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, strategy):
-        from .kernels import lora as K
-        from .kernels.lora_rank import rank_projection
-
-        xa = rank_projection(x, lora_A, dropout_p, seed)
-        forward = K.lora_forward if strategy == "fused" else K.lora_forward_cublas
-        y = forward(x, weight, xa, lora_B, scaling, bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.strategy = scaling, dropout_p, seed, strategy
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from .kernels import lora as K
-
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        dy = dy.contiguous()
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        backward_dx = K.lora_backward_dx if ctx.strategy == "fused" else K.lora_backward_dx_cublas
-        dx, da, db = lora_input_and_adapter_grads(
-            dy, x, xa, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed, (need_x, need_a, need_b),
-            partial(backward_dx, weight=weight),
-        )  # fmt: skip
-        dw = dbias = None
-        if need_w:
-            # only for a trainable base: a plain GEMM, computed in fp32 accumulation by cuBLAS
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_bias and ctx.has_bias:
-            dbias = dy.sum(0, dtype=torch.float32)
-        return dx, dw, da, db, dbias, None, None, None, None
-
-
-def lora_input_and_adapter_grads(dy, x, xa, lora_A, lora_B, scaling, dropout_p, seed, needs, backward_dx):
-    """(dx, dA, dB), each None where not needed: the backward shared by the dense and the 4-bit layer.
-
-    g = dy @ B and dB come from one read of dy; dx = `backward_dx(dy, g=..., lora_A=..., ...)` (the
-    strategy's base GEMM with the rank-r term); dA = scaling * g^T @ dropout(x).
-    """
-    from .kernels.lora_rank import dy_projections, lora_weight_grad
-
-    need_x, need_a, need_b = needs
-    dx = da = db = None
-    if need_x or need_a or need_b:
-        g, db = dy_projections(dy, lora_B, xa, scaling)  # [M, r] in dy's dtype, [out, r] fp32
-        db = db.to(lora_B.dtype) if need_b else None
-        if need_x:
-            dx = backward_dx(dy, g=g, lora_A=lora_A, scaling=scaling, dropout_p=dropout_p, seed=seed)
-        if need_a:
-            da = lora_weight_grad(g, x, scaling, dropout_p, seed).to(lora_A.dtype)  # [r, in]
-    return dx, da, db
+def autocast_cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
+    """The tensors in autocast's dtype (differentiable casts, so fp32 parameters get fp32 gradients),
+    as autocast does for the F.linear calls of PEFT's layer; unchanged when autocast is off."""
+    if dtype is None:
+        return tensors
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -172,6 +121,10 @@ def lora_linear(
     out_features, in_features = weight.shape if weight.dim() == 2 else (-1, -1)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape [out, in], got {list(weight.shape)}")
+    # under autocast every matrix product of PEFT's layer runs in autocast's dtype: so does ours
+    x, weight, lora_A, lora_B, bias = autocast_cast(
+        autocast_dtype(x.device.type), x, weight, lora_A, lora_B, bias
+    )
     tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         tensors["bias"] = bias
@@ -183,16 +136,19 @@ def lora_linear(
     if resolve_backend(backend, x) == "torch" or x.numel() == 0:
         return lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
 
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
     x2d = x.reshape(-1, in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if strategy == "auto":
-        shape = {"M": x2d.shape[0], "K": in_features, "N": out_features, "R": lora_A.shape[0]}
-        strategy = strategies.choose("lora_linear", x.device, **shape)
-    y = LoraLinearFunction.apply(
-        x2d, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed or 0, strategy
+    y, _ = torch.ops.sails_fast.lora_linear(
+        x2d,
+        weight,
+        lora_A,
+        lora_B,
+        bias,
+        float(scaling),
+        float(dropout_p),
+        seed_tensor(seed, dropout_p),
+        strategy,
     )
     return y.reshape(*x.shape[:-1], out_features)
 

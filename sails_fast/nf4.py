@@ -1,5 +1,5 @@
-"""NF4 weights (bitsandbytes' format, bit for bit) and the QLoRA linear: autograd Function, public
-functions and nn.Modules.
+"""NF4 weights (bitsandbytes' format, bit for bit) and the QLoRA linear: public functions and nn.Modules
+(the registered operator with its autograd is `sails_fast.ops`).
 
 Kernels and launchers live in `sails_fast.kernels.nf4` (the LoRA pieces in `sails_fast.kernels.lora`); the
 plain reference in `sails_fast.kernels.nf4_ref`, which is also the CPU backend. Format: docs/nf4.md.
@@ -26,7 +26,8 @@ from .kernels.nf4_ref import (
     qlora_linear_ref,
     quantize_nf4_ref,
 )
-from .lora import Backend, _draw_seed, lora_input_and_adapter_grads, lora_scaling, validate_lora_args
+from .lora import Backend, autocast_cast, autocast_dtype, lora_scaling, validate_lora_args
+from .ops import nf4_op_args, seed_tensor
 
 QLoraStrategy = Literal["auto", "fused", "dequant", "cublas"]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -281,53 +282,6 @@ def _resolve_strategy(strategy: str, path: str | None) -> str:
     return strategy
 
 
-class QLoraLinearFunction(torch.autograd.Function):
-    """Saves x, the adapters, xa [M, r] and the dropout seed; never the dequantised weight, which the
-    backward rebuilds (tile by tile in the fused kernel, or into the reused buffer)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, nf4, scaling, dropout_p, seed, strategy):
-        from .kernels import lora as LK
-        from .kernels import nf4 as NK
-        from .kernels.lora_rank import rank_projection
-
-        xa = rank_projection(x, lora_A, dropout_p, seed)
-        if strategy == "fused":
-            y = NK.qlora_forward_fused(x, nf4, NK.absmax_fp32(nf4), xa, lora_B, scaling, bias)
-        else:
-            forward = LK.lora_forward if strategy == "dequant" else LK.lora_forward_cublas
-            y = forward(x, NK.dequantize_to_workspace(nf4, x.dtype), xa, lora_B, scaling, bias)
-        ctx.save_for_backward(x, lora_A, lora_B, xa)
-        ctx.nf4, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.strategy = nf4, scaling, dropout_p, seed, strategy
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from .kernels import lora as LK
-        from .kernels import nf4 as NK
-
-        x, lora_A, lora_B, xa = ctx.saved_tensors
-        nf4, strategy = ctx.nf4, ctx.strategy
-        dy = dy.contiguous()
-        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-
-        def backward_dx(dy, **kw):
-            if strategy == "fused":
-                return NK.qlora_backward_dx_fused(dy, nf4, NK.absmax_fp32(nf4), **kw)
-            weight = NK.dequantize_to_workspace(nf4, dy.dtype)
-            return (LK.lora_backward_dx if strategy == "dequant" else LK.lora_backward_dx_cublas)(
-                dy, weight, **kw
-            )
-
-        dx, da, db = lora_input_and_adapter_grads(
-            dy, x, xa, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed,
-            (need_x, need_a, need_b), backward_dx,
-        )  # fmt: skip
-        dbias = dy.sum(0, dtype=torch.float32) if need_bias and ctx.has_bias else None
-        return dx, da, db, dbias, None, None, None, None, None
-
-
 def qlora_linear(
     x: torch.Tensor,
     nf4: NF4Weight,
@@ -375,6 +329,8 @@ def qlora_linear(
     if len(nf4.shape) != 2:
         raise ValueError(f"nf4: expected a weight of shape [out, in], got {list(nf4.shape)}")
     out_features, in_features = nf4.shape
+    # under autocast every matrix product of PEFT's layer runs in autocast's dtype: so does ours
+    x, lora_A, lora_B, bias = autocast_cast(autocast_dtype(x.device.type), x, lora_A, lora_B, bias)
     tensors = {"x": x, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         tensors["bias"] = bias
@@ -387,17 +343,13 @@ def qlora_linear(
     if resolve_backend(backend, x, nf4.packed) == "torch" or x.numel() == 0:
         return qlora_linear_ref(x, nf4, lora_A, lora_B, scaling, bias, dropout_p)
 
-    if dropout_p > 0.0 and seed is None:
-        seed = _draw_seed()
     x2d = x.reshape(-1, in_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if strategy == "auto":
-        shape = {"M": x2d.shape[0], "K": in_features, "N": out_features, "R": lora_A.shape[0]}
-        strategy = strategies.choose("qlora_linear", x.device, **shape)
-    y = QLoraLinearFunction.apply(
-        x2d, lora_A, lora_B, bias, nf4, float(scaling), float(dropout_p), seed or 0, strategy
-    )
+    y, _ = torch.ops.sails_fast.qlora_linear(
+        x2d, *nf4_op_args(nf4), lora_A, lora_B, bias, float(scaling), float(dropout_p),
+        seed_tensor(seed, dropout_p), strategy,
+    )  # fmt: skip
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -555,13 +507,25 @@ def quantize_model_nf4(
         blocksize, double_quant: NF4 format, as in `quantize_nf4`.
         backend, strategy: see `qlora_linear`.
     Returns:
-        The names of the swapped modules.
+        The names of the swapped modules. With r > 0 every parameter but the new adapters is frozen
+        afterwards, as `peft.get_peft_model` does (embeddings, norms and the head included).
+
+    Raises:
+        ValueError naming the targets that match no nn.Linear of the model.
 
     Example:
         >>> names = quantize_model_nf4(model, ["q_proj", "k_proj", "v_proj", "o_proj"], r=16, alpha=32)
     """
     if target_modules is not None:
         target_modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+        if unknown:
+            raise ValueError(
+                f"target_modules: {unknown} match no nn.Linear of the model (its linear layers end in "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in linears})[:12]})"
+            )
+    strategies.check_strategy("qlora_linear", strategy)
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -574,4 +538,8 @@ def quantize_model_nf4(
             )  # fmt: skip
             setattr(parent, child_name, layer)
             swapped.append(name)
+    if r > 0:
+        # only the adapters train, as get_peft_model leaves it
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"))
     return swapped

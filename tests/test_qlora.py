@@ -117,18 +117,21 @@ def test_weight_rounded_to_its_stored_dtype_first(compute, kernel_device):
 
 
 def test_backward_keeps_no_dequantised_weight(kernel_device):
-    """Only x, the adapters and xa are saved; the base weight is rebuilt in the backward."""
+    """Only x, the adapters, xa, the 0-d seed and the NF4 tensors themselves are saved; the base weight
+    is rebuilt in the backward."""
     lead, k, n, r, bs = (9,), 128, 96, 4, 64
     for path in PATHS:
         x, nf4, a, b, bias = make_inputs(lead, k, n, r, bs, torch.float32, kernel_device)
         a.requires_grad_()
         y = qlora_linear(x.requires_grad_(), nf4, a, b, 1.0, bias, backend="triton", strategy=path)
         node = y.grad_fn
-        while "QLoraLinearFunction" not in type(node).__name__:
+        while not hasattr(node, "saved_tensors"):  # the op's autograd node
             node = node.next_functions[0][0]
-        saved = node.saved_tensors
+        saved = [t for t in node.saved_tensors if t is not None]
         assert not any(t.numel() >= n * k for t in saved), [tuple(t.shape) for t in saved]
-        assert sorted(tuple(t.shape) for t in saved) == sorted([(9, k), (r, k), (n, r), (9, r)])
+        nf4_tensors = [nf4.packed, nf4.absmax, nf4.nested_absmax, nf4.nested_offset, nf4.nested_code]
+        expected = [(9, k), (r, k), (n, r), (9, r), ()] + [tuple(t.shape) for t in nf4_tensors]
+        assert sorted(tuple(t.shape) for t in saved) == sorted(expected)
         y.sum().backward()
         assert a.grad is not None and x.grad is not None
 
@@ -325,9 +328,18 @@ def test_quantize_model_nf4_swaps_linears_and_trains():
     model(input_ids=ids).logits.square().mean().backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
-    assert "lm_head.weight" in trainable  # untouched layers keep their own settings
+    # as get_peft_model leaves it: only the adapters train (embeddings, norms, the head are frozen)
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable), trainable
     everything = quantize_model_nf4(transformers.LlamaForCausalLM(_tiny_llama_config()))
     assert len(everything) == 2 * 7 and "lm_head" not in everything
+
+
+def test_quantize_model_nf4_refuses_unknown_targets():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(_tiny_llama_config())
+    with pytest.raises(ValueError, match=r"^target_modules: \['qproj', 'layers.9.mlp'\] match no nn.Linear"):
+        quantize_model_nf4(model, ["q_proj", "qproj", "layers.9.mlp"], r=4)
+    assert all(type(m) is not NF4LoraLinear for m in model.modules()), "nothing is swapped on a refusal"
 
 
 def _load_4bit_peft_llama(tmp_path):

@@ -8,14 +8,12 @@ back (packed, QuantState) for bitsandbytes' own functions. `register()` teaches
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..kernels.nf4_ref import nf4_code
 from ..nf4 import NF4Weight, qlora_linear
-from .peft import _ORIGINAL_FORWARD, adapter_tensors, common_reason_not_fusable, register_fuser
+from .peft import adapter_tensors, common_reason_not_fusable, register_fuser
 
 _CPU_PACKED_REASON = (
     "bitsandbytes repacked this weight for its CPU inference kernel (absmax rounded to bf16), which is "
@@ -126,31 +124,31 @@ def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return base.compute_dtype or x.dtype
 
 
-def _make_linear4bit_forward(module: nn.Module, backend: str) -> Callable:
-    original = getattr(module, _ORIGINAL_FORWARD)
-    cache: dict[str, object] = {}
+# in a fused 4-bit layer's __dict__: (key of the bitsandbytes tensors, their NF4Weight view)
+_NF4_CACHE = "_sails_fast_nf4"
 
-    def weight_of(base: nn.Module) -> NF4Weight:
-        # wrapping is cheap, but checking the code table copies to the host: do it once per weight
-        weight = base.weight
-        key = (weight.data_ptr(), id(weight.quant_state), weight.quant_state.absmax.data_ptr())
-        if cache.get("key") != key:
-            cache["nf4"] = nf4_from_bnb(weight)
-            cache["key"] = key
-        return cache["nf4"]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or _linear4bit_reason(self) is not None:
-            return original(x, *args, **kwargs)
-        base = self.get_base_layer()
-        lora_A, lora_B, scaling, p = adapter_tensors(self, x)
-        compute = _compute_dtype(base, x)
-        y = qlora_linear(
-            x.to(compute), weight_of(base), lora_A, lora_B, scaling, base.bias, p, backend=backend
-        )
-        return y.to(x.dtype)
+def _nf4_of(module: nn.Module, base: nn.Module) -> NF4Weight:
+    """The layer's weight as an NF4Weight. Wrapping is cheap, but checking the code table copies to the
+    host: done once per weight, cached on the layer itself (a deep copy re-checks its own tensors)."""
+    weight = base.weight
+    key = (weight.data_ptr(), id(weight.quant_state), weight.quant_state.absmax.data_ptr())
+    cached = module.__dict__.get(_NF4_CACHE)
+    if cached is None or cached[0] != key:
+        cached = (key, nf4_from_bnb(weight))
+        module.__dict__[_NF4_CACHE] = cached
+    return cached[1]
 
-    return forward
+
+def _linear4bit_call(module: nn.Module, x: torch.Tensor, backend: str, strategy: str) -> torch.Tensor:
+    base = module.get_base_layer()
+    lora_A, lora_B, scaling, p = adapter_tensors(module, x)
+    compute = _compute_dtype(base, x)
+    y = qlora_linear(
+        x.to(compute), _nf4_of(module, base), lora_A, lora_B, scaling, base.bias, p,
+        backend=backend, strategy=strategy,
+    )  # fmt: skip
+    return y.to(x.dtype)
 
 
 def register() -> None:
@@ -162,4 +160,4 @@ def register() -> None:
     layer_type = getattr(peft_bnb, "Linear4bit", None)
     if layer_type is None or any(f.layer_type is layer_type for f in sf_peft._FUSERS):
         return
-    register_fuser(layer_type, _linear4bit_reason, _make_linear4bit_forward)
+    register_fuser(layer_type, _linear4bit_reason, _linear4bit_call)

@@ -6,6 +6,10 @@ writes a standard PEFT checkpoint and `unfuse_lora` restores PEFT's own forward.
 state on every call and falls back to PEFT's forward when something changed since fusing (adapters
 disabled, merged, another adapter activated, mixed-batch `adapter_names`).
 
+The fused forward is a module-level function bound to the layer, and the fallback is the layer class's
+own `forward`: nothing refers to the layer that was fused, so `copy.deepcopy` of a fused model (trl's
+reference models, EMA copies) gives a copy that runs, and falls back, on its own weights.
+
 Other layer types register a handler with `register_fuser`; `sails_fast.integrations.bnb` adds PEFT's
 `lora.bnb.Linear4bit` this way.
 """
@@ -13,13 +17,15 @@ Other layer types register a handler with `register_fuser`; `sails_fast.integrat
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-_ORIGINAL_FORWARD = "_sails_fast_original_forward"
+# in a fused layer's __dict__: the options it was fused with ({"backend": ..., "strategy": ...})
+_FUSED = "_sails_fast_fused"
 
 
 @dataclass
@@ -37,11 +43,12 @@ class FuseReport:
 
 @dataclass
 class _Fuser:
-    """How to fuse one PEFT layer class: why a layer cannot be fused (or None), and the fused forward."""
+    """How to fuse one PEFT layer class: why a layer cannot be fused (or None), and the fused computation
+    `call(layer, x, backend=..., strategy=...)`."""
 
     layer_type: type
     reason_not_fusable: Callable[[nn.Module], str | None]
-    make_forward: Callable[[nn.Module, str], Callable]
+    call: Callable[..., torch.Tensor]
 
 
 _FUSERS: list[_Fuser] = []
@@ -50,10 +57,10 @@ _FUSERS: list[_Fuser] = []
 def register_fuser(
     layer_type: type,
     reason_not_fusable: Callable[[nn.Module], str | None],
-    make_forward: Callable[[nn.Module, str], Callable],
+    call: Callable[..., torch.Tensor],
 ) -> None:
     """Teach `fuse_lora` a new PEFT layer type (later registrations win over earlier ones)."""
-    _FUSERS.insert(0, _Fuser(layer_type, reason_not_fusable, make_forward))
+    _FUSERS.insert(0, _Fuser(layer_type, reason_not_fusable, call))
 
 
 def common_reason_not_fusable(module: nn.Module) -> str | None:
@@ -100,25 +107,29 @@ def _linear_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _make_linear_forward(module: nn.Module, backend: str) -> Callable:
+def _linear_call(module: nn.Module, x: torch.Tensor, backend: str, strategy: str) -> torch.Tensor:
     from ..lora import lora_linear
 
-    original = getattr(module, _ORIGINAL_FORWARD)
+    base = module.get_base_layer()
+    lora_A, lora_B, scaling, p = adapter_tensors(module, x)
+    return lora_linear(
+        x, base.weight, lora_A, lora_B, scaling, base.bias, p, backend=backend, strategy=strategy
+    )
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or _linear_reason(self) is not None:
-            return original(x, *args, **kwargs)
-        base = self.get_base_layer()
-        lora_A, lora_B, scaling, p = adapter_tensors(self, x)
-        return lora_linear(x, base.weight, lora_A, lora_B, scaling, base.bias, p, backend=backend)
 
-    return forward
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A fused layer's forward: the fused op, or the layer class's own forward when the layer's state
+    (or the call) is one the fused path does not handle. Bound to the layer; refers to nothing else."""
+    fuser = _find_fuser(self)
+    if args or kwargs or fuser is None or fuser.reason_not_fusable(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    return fuser.call(self, x, **self.__dict__[_FUSED])
 
 
 def _register_builtin() -> None:
     from peft.tuners.lora import layer as lora_layer
 
-    register_fuser(lora_layer.Linear, _linear_reason, _make_linear_forward)
+    register_fuser(lora_layer.Linear, _linear_reason, _linear_call)
     import importlib.util
 
     # PEFT's lora.bnb.Linear4bit (QLoRA): only where bitsandbytes is installed
@@ -137,14 +148,16 @@ def _find_fuser(module: nn.Module) -> _Fuser | None:
     return None
 
 
-def fuse_lora(model: nn.Module, *, backend: str = "auto") -> FuseReport:
+def fuse_lora(model: nn.Module, *, backend: str = "auto", strategy: str = "auto") -> FuseReport:
     """Route every eligible PEFT LoRA layer of `model` through the fused kernels, in place.
 
     Args:
         model: a PEFT model (or any module containing PEFT LoRA layers).
-        backend: passed to the fused op ("auto", "triton", "torch").
+        backend: the fused op's backend: "auto", "triton" or "torch" (see `sails_fast.lora_linear`).
+        strategy: the fused op's strategy: "auto", "fused" or "cublas" ("dequant" too for 4-bit layers).
     Returns:
-        FuseReport with the fused module names and, for every LoRA layer left alone, why.
+        FuseReport with the fused module names and, for every LoRA layer left alone, why. Warns when
+        nothing was fused.
 
     Example:
         >>> peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
@@ -152,6 +165,16 @@ def fuse_lora(model: nn.Module, *, backend: str = "auto") -> FuseReport:
     """
     from peft.tuners.lora.layer import LoraLayer
 
+    from .._backend import BACKENDS
+    from ..strategy import STRATEGIES
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module (a PEFT model), got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    allowed = ("auto", *dict.fromkeys(STRATEGIES["lora_linear"] + STRATEGIES["qlora_linear"]))
+    if strategy not in allowed:
+        raise ValueError(f"strategy: expected one of {allowed}, got {strategy!r}")
     report = FuseReport()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -161,14 +184,23 @@ def fuse_lora(model: nn.Module, *, backend: str = "auto") -> FuseReport:
             report.skipped[name] = f"{type(module).__name__} has no fused path"
             continue
         reason = fuser.reason_not_fusable(module)
+        if reason is None and strategy == "dequant" and fuser.call is _linear_call:
+            reason = 'strategy "dequant" is for 4-bit layers only'
         if reason is not None:
             report.skipped[name] = reason
             continue
-        if _ORIGINAL_FORWARD not in module.__dict__:
-            # the bound class method, kept so unfuse_lora and the call-time fallback can use it
-            setattr(module, _ORIGINAL_FORWARD, module.forward)
-        module.forward = types.MethodType(fuser.make_forward(module, backend), module)
+        module.__dict__[_FUSED] = {"backend": backend, "strategy": strategy}
+        module.forward = types.MethodType(_fused_forward, module)
         report.fused.append(name)
+    if not report.fused:
+        why = (
+            f": {len(report.skipped)} LoRA layer(s) left alone"
+            if report.skipped
+            else ": it has no PEFT LoRA layer"
+        )
+        warnings.warn(
+            f"fuse_lora fused nothing in {type(model).__name__}{why} (see the returned report)", stacklevel=2
+        )
     return report
 
 
@@ -176,8 +208,13 @@ def unfuse_lora(model: nn.Module) -> int:
     """Undo `fuse_lora`: restore PEFT's forward on every fused layer. Returns how many were restored."""
     restored = 0
     for module in model.modules():
-        if _ORIGINAL_FORWARD in module.__dict__:
+        if _FUSED in module.__dict__:
             del module.__dict__["forward"]
-            del module.__dict__[_ORIGINAL_FORWARD]
+            del module.__dict__[_FUSED]
             restored += 1
     return restored
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether any layer of `model` runs through the fused kernels (fused by `fuse_lora`)."""
+    return any(_FUSED in module.__dict__ for module in model.modules())

@@ -65,7 +65,9 @@ class TrainConfig(ConfigBase):
         keep_checkpoints: how many of the newest checkpoints to keep.
         log_every: log every N steps (the last step is always logged).
         seed: data order and dropout.
-        fused: route the LoRA layers through sails_fast's fused kernels (`fuse_lora`).
+        fused: route the LoRA layers through sails_fast's fused kernels (`fuse_lora`): True, False, or
+            "auto" (default): on a GPU, where they pay; on CPU the fused op's backend would be the plain
+            reference, which gains nothing over PEFT's own path, so PEFT's path is kept there.
         backend: passed to `fuse_lora` ("auto", "triton", "torch").
         resume: continue from the newest checkpoint in out_dir; False refuses an out_dir that has one.
         progress: show a tqdm progress bar.
@@ -93,7 +95,7 @@ class TrainConfig(ConfigBase):
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0
-    fused: bool = False
+    fused: bool | Literal["auto"] = "auto"
     backend: Literal["auto", "triton", "torch"] = "auto"
     resume: bool = True
     progress: bool = True
@@ -136,9 +138,11 @@ class TrainConfig(ConfigBase):
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"adam_betas: expected two numbers in [0, 1), got {self.adam_betas!r}")
         self.adam_betas = (float(betas[0]), float(betas[1]))
-        for name in ("chat_template", "append_eos", "gradient_checkpointing", "fused", "resume", "progress"):
+        for name in ("chat_template", "append_eos", "gradient_checkpointing", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.fused, bool) or self.fused == "auto"):
+            raise ValueError(f"fused: expected True, False or 'auto', got {self.fused!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {self.backend!r}")
 
@@ -414,6 +418,14 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def uses_fused_layers(config: TrainConfig, model: torch.nn.Module) -> bool:
+    """Whether training routes the LoRA layers through the fused kernels: `config.fused`, with "auto"
+    meaning "where the model's parameters are on a GPU"."""
+    if config.fused != "auto":
+        return bool(config.fused)
+    return any(p.is_cuda for p in model.parameters())
+
+
 def train(
     peft_model: nn.Module,
     tokenizer,
@@ -518,7 +530,7 @@ def train(
     (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     fuse_text = None
-    if config.fused:
+    if uses_fused_layers(config, peft_model):
         from ..integrations.peft import fuse_lora
 
         report = fuse_lora(peft_model, backend=config.backend)
