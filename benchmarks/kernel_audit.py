@@ -154,8 +154,14 @@ def _projections(model: str, subset: bool):
     return [(p, kn) for p, kn in MODELS[model].projections().items() if not subset or p in SUBSET_PROJECTIONS]
 
 
+def _adapter_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The adapter dtypes a base in `dtype` meets: its own, and fp32 (PEFT's default over a 16-bit base)."""
+    return (dtype,) if dtype == torch.float32 else (dtype, torch.float32)
+
+
 def lora_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
-    """(shape name, thunk) for every launcher of the dense LoRA op at each named projection."""
+    """(shape name, thunk) for every launcher of the dense LoRA op at each named projection, with
+    adapters in the base's dtype and in fp32."""
     from sails_fast.kernels import lora as K
     from sails_fast.kernels import lora_rank as KR
 
@@ -165,21 +171,18 @@ def lora_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
 
             def thunk(m=m, k=k, n=n, r=r):
                 x, w, dy = _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), _t(m, n, dtype=dtype)
-                a, b, xa, g = (
-                    _t(r, k, dtype=dtype),
-                    _t(n, r, dtype=dtype),
-                    _t(m, r, dtype=dtype),
-                    _t(m, r, dtype=dtype),
-                )
-                for p in (0.0, 0.1):
-                    KR.rank_projection(x, a, p, 1)
-                    K.lora_backward_dx(dy, w, g, a, 2.0, p, 1)
-                    KR.lora_weight_grad(g, x, 2.0, p, 1)
-                    KR.low_rank_fill(g, a, 2.0, None, dtype, p, 1)
-                for bias in (None, _t(n, dtype=dtype)):
-                    K.lora_forward(x, w, xa, b, 2.0, bias)
-                    KR.low_rank_fill(xa, b.t(), 2.0, bias, dtype)
-                KR.dy_projections(dy, b, xa, 2.0)
+                for adapter in _adapter_dtypes(dtype):
+                    a, b = _t(r, k, dtype=adapter), _t(n, r, dtype=adapter)
+                    xa, g = _t(m, r, dtype=adapter), _t(m, r, dtype=adapter)
+                    for p in (0.0, 0.1):
+                        KR.rank_projection(x, a, p, 1)
+                        K.lora_backward_dx(dy, w, g, a, 2.0, p, 1)
+                        KR.lora_weight_grad(g, x, 2.0, p, 1)
+                        KR.low_rank_fill(g, a, 2.0, None, dtype, p, 1)
+                    for bias in (None, _t(n, dtype=dtype)):
+                        K.lora_forward(x, w, xa, b, 2.0, bias)
+                        KR.low_rank_fill(xa, b.t(), 2.0, bias, dtype)
+                    KR.dy_projections(dy, b, xa, 2.0)
 
             yield f"{model}/{proj}", thunk
 
@@ -200,17 +203,14 @@ def nf4_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
                 )  # fmt: skip
                 x, dy = _t(m, k, dtype=dtype), _t(m, n, dtype=dtype)
                 absmax = _t(blocks, dtype=torch.float32)
-                xa, g, a, b = (
-                    _t(m, r, dtype=dtype),
-                    _t(m, r, dtype=dtype),
-                    _t(r, k, dtype=dtype),
-                    _t(n, r, dtype=dtype),
-                )
                 NK.dequantize(nf4, dtype, round_dtype=dtype)
                 NK.absmax_fp32(nf4)
-                NK.qlora_forward_fused(x, nf4, absmax, xa, b, 2.0, None)
-                for p in (0.0, 0.1):
-                    NK.qlora_backward_dx_fused(dy, nf4, absmax, g, a, 2.0, p, 1)
+                for adapter in _adapter_dtypes(dtype):
+                    xa, g = _t(m, r, dtype=adapter), _t(m, r, dtype=adapter)
+                    a, b = _t(r, k, dtype=adapter), _t(n, r, dtype=adapter)
+                    NK.qlora_forward_fused(x, nf4, absmax, xa, b, 2.0, None)
+                    for p in (0.0, 0.1):
+                        NK.qlora_backward_dx_fused(dy, nf4, absmax, g, a, 2.0, p, 1)
 
             yield f"{model}/{proj}", thunk
 

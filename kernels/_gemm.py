@@ -98,9 +98,22 @@ def _pruner(reduce_block: str, operand_arg: str, out_block: str, smem_bytes):
     def prune(configs, named_args):
         wide = named_args[operand_arg].element_size() == 4
         pool = [c for c in configs if (config_key(c) in _FP32_KEYS) == wide]
+        if _rank_operand(named_args).element_size() == 4:
+            # fp32 adapters: the rank-r term's fp32-accurate product (and its dropout mask in dx) adds to
+            # the accumulator's registers; at most 64 accumulator elements per thread stay clear of spills
+            pool = [c for c in pool if _accumulator_per_thread(c, out_block) <= 64] or pool
         return by_size_and_smem(pool or configs, named_args)
 
     return prune
+
+
+def _accumulator_per_thread(config: triton.Config, out_block: str) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs[out_block] // (32 * config.num_warps)
+
+
+def _rank_operand(args: dict):
+    """xa in the forward kernels, g in dx: the tensor whose dtype is the adapter's."""
+    return args["xa_ptr"] if "xa_ptr" in args else args["g_ptr"]
 
 
 def matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N"):
@@ -112,15 +125,16 @@ def matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N
     def smem(config, args):
         e = args[operand_arg].element_size()
         tiles = (("BLOCK_M", reduce_block, e), (reduce_block, out_block, e))
-        return pipeline_smem_bytes(config, tiles, args) + _rank_operand_bytes(config, args, out_block, e)
+        return pipeline_smem_bytes(config, tiles, args) + _rank_operand_bytes(config, args, out_block)
 
     return _pruner(reduce_block, operand_arg, out_block, smem)
 
 
-def _rank_operand_bytes(config: triton.Config, args: dict, out_block: str, elem: int) -> int:
-    """The rank-r term's two operand tiles ([BLOCK_M, R] and [R, width]), staged once in shared memory."""
+def _rank_operand_bytes(config: triton.Config, args: dict, out_block: str) -> int:
+    """The rank-r term's two operand tiles ([BLOCK_M, R] and [R, width]), staged once in shared memory
+    in the adapter's dtype (xa in the forward, g in dx: fp32 with PEFT's default fp32 adapters)."""
     k = config.kwargs
-    return (k["BLOCK_M"] + k[out_block]) * args["BLOCK_R"] * elem
+    return (k["BLOCK_M"] + k[out_block]) * args["BLOCK_R"] * _rank_operand(args).element_size()
 
 
 def nf4_matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLOCK_N"):
@@ -137,7 +151,7 @@ def nf4_matmul_pruner(reduce_block: str, operand_arg: str, out_block: str = "BLO
         return (
             pipeline_smem_bytes(config, tiles, args)
             + dequantised
-            + _rank_operand_bytes(config, args, out_block, e)
+            + _rank_operand_bytes(config, args, out_block)
         )
 
     gather_key = config_key(_build([_NF4_GATHER_ROW], out_block, reduce_block)[0])

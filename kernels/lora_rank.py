@@ -52,7 +52,10 @@ _INTERPRET_WGRAD_CONFIG = triton.Config({"BLOCK_M": 128})
 
 # tiles of the fixed-config kernels (GPU, interpreter); the audit compiles both for every target
 DY_PROJECTION_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
-# fp32 dots run on FMA units with register operands: a smaller tile keeps them clear of spills
+# fp32 products hold more per element: smaller tiles keep them clear of spills. fp32 adapters over a
+# 16-bit dy keep both MMA dimensions at 64 (Hopper's warpgroup MMA, in TF32); an fp32 layer's IEEE dots
+# run on the FMA units anyway
+DY_PROJECTION_BLOCKS_FP32_ADAPTER = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 DY_PROJECTION_BLOCKS_FP32 = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 _INTERPRET_DY_PROJECTION_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 4, "num_stages": 1}
 FILL_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4}
@@ -78,12 +81,13 @@ def dropout_args(dropout_p: float) -> tuple[float, float]:
     return float(dropout_p), (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
-def _small_tiles_for_fp32(prune, operand_arg: str, blocks: tuple[str, str], limit: int = 4096):
-    """fp32 operands take full-precision FMA dots, whose operands live in registers: only tiles of at
-    most `limit` elements stay clear of spills (benchmarks/kernel_audit.py records them)."""
+def _small_tiles_for_fp32(prune, operand_args: tuple[str, ...], blocks: tuple[str, str], limit: int = 4096):
+    """fp32 operands (an fp32 layer, or fp32 adapters: their products are fp32-accurate, FMA or 3xTF32)
+    hold more in registers and shared memory: only tiles of at most `limit` elements stay clear of
+    spills and of a consumer GPU's shared memory (benchmarks/kernel_audit.py checks them)."""
 
     def pruned(configs, args):
-        if args[operand_arg].element_size() == 4:
+        if any(args[name].element_size() == 4 for name in operand_args):
             small = [
                 c
                 for c in configs
@@ -101,7 +105,7 @@ def _rank_pruner():
         return pipeline_smem_bytes(config, (("BLOCK_M", "BLOCK_K", e), ("BLOCK_K", "BLOCK_R", e)), args)
 
     prune = gemm_pruner({"BLOCK_M": "M_BUCKET", "BLOCK_K": "K"}, smem, "x_ptr")
-    return _small_tiles_for_fp32(prune, "x_ptr", ("BLOCK_M", "BLOCK_K"))
+    return _small_tiles_for_fp32(prune, ("x_ptr", "a_ptr"), ("BLOCK_M", "BLOCK_K"))
 
 
 def _weight_grad_pruner():
@@ -111,7 +115,7 @@ def _weight_grad_pruner():
         return pipeline_smem_bytes(config, tiles, args)
 
     prune = gemm_pruner({"BLOCK_M": "M_BUCKET"}, smem, "r_ptr")
-    return _small_tiles_for_fp32(prune, "r_ptr", ("BLOCK_M", "BLOCK_Q"))
+    return _small_tiles_for_fp32(prune, ("r_ptr", "l_ptr"), ("BLOCK_M", "BLOCK_Q"))
 
 
 @autotune(
@@ -329,7 +333,11 @@ def dy_projections(
         raise ValueError(
             f"lora_B, xa: expected [{N}, R] and [{M}, R], got {list(lora_B.shape)} and {list(xa.shape)}"
         )
-    blocks = DY_PROJECTION_BLOCKS_FP32 if dy.element_size() == 4 else DY_PROJECTION_BLOCKS
+    blocks = DY_PROJECTION_BLOCKS
+    if dy.element_size() == 4:
+        blocks = DY_PROJECTION_BLOCKS_FP32
+    elif lora_B.element_size() == 4:
+        blocks = DY_PROJECTION_BLOCKS_FP32_ADAPTER
     blocks = _INTERPRET_DY_PROJECTION_BLOCKS if INTERPRET else blocks
     groups, splits = _dy_projection_grid(M, N, R, dy.device, blocks)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
