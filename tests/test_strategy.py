@@ -143,7 +143,8 @@ def test_gemm_configs_are_pruned_to_the_gpus_shared_memory(arch):
 
     configs = _gemm.matmul_configs()
     prune = _gemm.matmul_pruner("BLOCK_K", "x_ptr")
-    args = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "M_BUCKET": 8192, "N": 4096, "BLOCK_R": 16}
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    args = {"x_ptr": bf16, "xa_ptr": bf16, "M_BUCKET": 8192, "N": 4096, "BLOCK_R": 16}
     target = _triton.TARGETS[arch]
     with _triton.simulate_target(target):
         kept = prune(configs, args)
@@ -158,9 +159,12 @@ def test_gemm_configs_are_pruned_to_the_gpus_shared_memory(arch):
     widest = [c for c in kept if c.kwargs["BLOCK_N"] == 256]
     assert bool(widest) == (target.smem_per_block >= 160 * 1024), "the 147 KB 128x256 tile is for A100/H100"
     # fp32 operands get the small FMA-dot tiles, whatever the GPU
-    args32 = {**args, "x_ptr": torch.empty(1, dtype=torch.float32)}
+    fp32 = torch.empty(1, dtype=torch.float32)
     with _triton.simulate_target(target):
-        assert all(c.kwargs["BLOCK_K"] == 32 for c in prune(configs, args32))
+        assert all(c.kwargs["BLOCK_K"] == 32 for c in prune(configs, {**args, "x_ptr": fp32, "xa_ptr": fp32}))
+        # fp32 adapters over a bf16 base: at most 64 accumulator elements per thread
+        for c in prune(configs, {**args, "xa_ptr": fp32}):
+            assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps, c
 
 
 def test_benchmarks_turn_their_rows_into_table_entries():
