@@ -167,14 +167,15 @@ def print_rows(rows: list[Row]) -> None:
         return
     env = rows[0].env
     print(f"device: {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}")
-    header = f"{'model':14} {'shape':10} {'dtype':9} {'mode':8} {'provider':11} {'median ms':>10}"
+    width = max(9, *(len(r.dtype) for r in rows))
+    header = f"{'model':14} {'shape':10} {'dtype':{width}} {'mode':8} {'provider':11} {'median ms':>10}"
     header += f" {'p20':>8} {'p80':>8}"
     print(header + f" {'TFLOP/s':>8} {'max err':>9}")
     for r in rows:
         tf = "" if r.tflops is None else f"{r.tflops:.2f}"
         err = "" if r.max_abs_err is None else f"{r.max_abs_err:.1e}"
         print(
-            f"{r.model:14} {r.shape:10} {r.dtype:9} {r.mode:8} {r.provider:11} {r.median_ms:10.3f} "
+            f"{r.model:14} {r.shape:10} {r.dtype:{width}} {r.mode:8} {r.provider:11} {r.median_ms:10.3f} "
             f"{r.p20_ms:8.3f} {r.p80_ms:8.3f} {tf:>8} {err:>9}"
         )
 
@@ -216,9 +217,31 @@ def write_strategy_table(op: str, choices: dict[str, str], device: str) -> None:
     print(f"wrote {len(entries)} entries to {path}")
 
 
+def operand_text(signature: dict[str, str]) -> str:
+    """The element types of a compiled kernel's pointer arguments, in order ("bf16 bf16 fp32 fp32 bf16"):
+    what tells a launch with fp32 adapters from one with 16-bit adapters at the same config."""
+    return " ".join(t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*"))
+
+
+def _is_block(name: str) -> bool:
+    return name.startswith("BLOCK_") or name == "GROUP_M"
+
+
+def flags_text(fn, constexprs: dict[tuple, object]) -> str:
+    """A compiled kernel's declared constexpr flags, "HAS_BIAS=False HAS_DROPOUT=True" (`constexprs` keyed
+    by argument path, as triton binds them); arguments triton merely specialised (a stride or a seed
+    equal to 1) are left out, so a launch finds the audit's row whatever its seed. With config_text and
+    operand_text: what names one compiled variant, up to divisibility specialisation."""
+    named = {fn.params[path[0]]: v for path, v in constexprs.items()}
+    return " ".join(
+        f"{p.name}={v}" for p, v in sorted(named.items(), key=lambda i: i[0].name)
+        if p.is_constexpr and not _is_block(p.name)
+    )  # fmt: skip
+
+
 def config_text(constexprs: dict[str, object], num_warps: int, num_stages: int) -> str:
     """How benchmarks/kernel_audit.py and gpu_check.py name a compiled kernel's config: its block
     constexprs, warps and stages ("K=64 M=128 N=256 R=16 GROUP_M=8 w8 s3")."""
-    blocks = {k: v for k, v in constexprs.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
+    blocks = {k: v for k, v in constexprs.items() if _is_block(k)}
     text = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in sorted(blocks.items()))
     return f"{text} w{num_warps} s{num_stages}"

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py --quick            # CPU: a few SmolLM2 shapes, fp32
     python benchmarks/bench_lora.py                    # CUDA: every named shape, bf16, 8192 tokens
+    python benchmarks/bench_lora.py --adapter-dtype float32   # fp32 adapters over the base (PEFT's default)
     pytest benchmarks/bench_lora.py --benchmark-only   # the same comparison through pytest-benchmark
 
 Providers: "base" (F.linear alone: the floor the fused op is measured against), "torch" (the plain
@@ -46,15 +47,19 @@ PROVIDERS = ("base", "torch", "peft", "sails_fast", "sails_fast:fused", "sails_f
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def make_case(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int = 0):
+def make_case(
+    m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int = 0, adapter_dtype=None
+):
+    """Inputs of one shape; the adapters in `adapter_dtype` (default: the base's dtype)."""
     g = torch.Generator().manual_seed(seed)
-    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+    t = lambda *s, scale=1.0, dt=dtype: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
+    adapter_dtype = adapter_dtype or dtype
     return {
         "x": t(m, k),
         "weight": t(n, k, scale=k**-0.5),
         "bias": None,
-        "lora_A": t(r, k, scale=k**-0.5),
-        "lora_B": t(n, r, scale=r**-0.5),
+        "lora_A": t(r, k, scale=k**-0.5, dt=adapter_dtype),
+        "lora_B": t(n, r, scale=r**-0.5, dt=adapter_dtype),
         "dy": t(m, n),
         "scaling": 2.0,
     }
@@ -158,9 +163,20 @@ def time_provider(
     return results
 
 
-def bench_case(model: str, proj: str, m: int, r: int, dtype: torch.dtype, device: str, providers, reps: int):
+def dtype_label(dtype: torch.dtype, adapter_dtype: torch.dtype | None) -> str:
+    """The rows' dtype column: the base's, and the adapters' when they differ (PEFT's fp32 default)."""
+    label = str(dtype).removeprefix("torch.")
+    if adapter_dtype is not None and adapter_dtype != dtype:
+        label += f", adapters {str(adapter_dtype).removeprefix('torch.')}"
+    return label
+
+
+def bench_case(
+    model: str, proj: str, m: int, r: int, dtype: torch.dtype, device: str, providers, reps: int,
+    adapter_dtype: torch.dtype | None = None,
+):  # fmt: skip
     k, n = MODELS[model].projections()[proj]
-    case = make_case(m, k, n, r, dtype, device)
+    case = make_case(m, k, n, r, dtype, device, adapter_dtype=adapter_dtype)
     env = environment(device)
     rows = []
     for provider in providers:
@@ -177,7 +193,7 @@ def bench_case(model: str, proj: str, m: int, r: int, dtype: torch.dtype, device
                     model=model,
                     shape=proj,
                     dims=f"M={m} K={k} N={n} r={r}",
-                    dtype=str(dtype).removeprefix("torch."),
+                    dtype=dtype_label(dtype, adapter_dtype),
                     provider=provider,
                     mode=mode,
                     median_ms=t.median_ms,
@@ -203,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rank", type=int, default=GOAL_RANK)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    parser.add_argument(
+        "--adapter-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+        help="the adapters' dtype (default: the base's; float32 is PEFT's default over a 16-bit base)",
+    )  # fmt: skip
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument(
         "--projs", nargs="*", default=None, help="projection names (default: a few per model)"
@@ -215,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
         "--write-strategy-table", action="store_true", help="record the faster strategy (GPU)"
     )
     args = parser.parse_args(argv)
+    adapter_dtype = getattr(torch, args.adapter_dtype) if args.adapter_dtype else None
+    if args.write_strategy_table and adapter_dtype is not None:
+        parser.error(
+            "--write-strategy-table: the table is keyed by shape only; run it without --adapter-dtype"
+        )
 
     cuda = torch.device(args.device).type == "cuda"
     quick = args.quick or not cuda
@@ -228,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in models:
         for proj in projs:
             rows += bench_case(
-                model, proj, tokens, args.rank, dtype, args.device, args.providers, reps=5 if quick else 20
-            )
+                model, proj, tokens, args.rank, dtype, args.device, args.providers,
+                reps=5 if quick else 20, adapter_dtype=adapter_dtype,
+            )  # fmt: skip
     print_rows(rows)
     if not cuda:
         print(

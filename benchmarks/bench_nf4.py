@@ -5,6 +5,7 @@
                                                       # CPU on a shared machine: one thread, no stalls at
                                                       # OpenMP barriers (how the committed CPU rows ran)
     python benchmarks/bench_nf4.py                    # CUDA: every named shape, bf16, 8192 tokens
+    python benchmarks/bench_nf4.py --ops qlora --adapter-dtype float32   # fp32 adapters (PEFT's default)
     pytest benchmarks/bench_nf4.py --benchmark-only   # the QLoRA step through pytest-benchmark
 
 Dequantisation providers: "torch" (the plain reference), "bnb" (bitsandbytes' dequantize_4bit),
@@ -53,6 +54,7 @@ from _common import (  # noqa: E402
 from bench_lora import (
     adapter_leaves,
     compare_to_reference,
+    dtype_label,
     flops,
     forward_and_grads,
     grad_inputs,
@@ -152,9 +154,13 @@ def bench_dequant(model: str, proj: str, dtype: torch.dtype, device: str, provid
     return rows
 
 
-def make_case(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+def make_case(
+    m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, seed: int = 0, adapter_dtype=None
+) -> dict:
+    """Inputs of one shape; the adapters in `adapter_dtype` (default: the base's dtype)."""
     g = torch.Generator().manual_seed(seed)
-    t = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+    t = lambda *s, scale=1.0, dt=dtype: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
+    adapter_dtype = adapter_dtype or dtype
     w32 = (torch.randn(n, k, generator=g) * k**-0.5).to(device)
     nf4, base = quantize_case(w32.to(dtype))
     return {
@@ -163,8 +169,8 @@ def make_case(m: int, k: int, n: int, r: int, dtype: torch.dtype, device: str, s
         "bnb_base": base,
         # the dense providers use the dequantised weight, so every provider computes the same function
         "weight": dequantize_nf4_ref(nf4, dtype),
-        "lora_A": t(r, k, scale=k**-0.5),
-        "lora_B": t(n, r, scale=r**-0.5),
+        "lora_A": t(r, k, scale=k**-0.5, dt=adapter_dtype),
+        "lora_B": t(n, r, scale=r**-0.5, dt=adapter_dtype),
         "dy": t(m, n),
         "scaling": 2.0,
     }
@@ -212,9 +218,9 @@ def check_provider(provider: str, case: dict, dtype: torch.dtype) -> float:
     return compare_to_reference(provider, ours, ref32, ref_lo, dtype)
 
 
-def bench_qlora(model, proj, m, r, dtype, device, providers, reps) -> list[Row]:
+def bench_qlora(model, proj, m, r, dtype, device, providers, reps, adapter_dtype=None) -> list[Row]:
     k, n = MODELS[model].projections()[proj]
-    case = make_case(m, k, n, r, dtype, device)
+    case = make_case(m, k, n, r, dtype, device, adapter_dtype=adapter_dtype)
     env, rows = environment(device), []
     cuda = torch.device(device).type == "cuda"
     for provider in providers:
@@ -232,7 +238,7 @@ def bench_qlora(model, proj, m, r, dtype, device, providers, reps) -> list[Row]:
                     model=model,
                     shape=proj,
                     dims=f"M={m} K={k} N={n} r={r}",
-                    dtype=str(dtype).removeprefix("torch."),
+                    dtype=dtype_label(dtype, adapter_dtype),
                     provider=provider,
                     mode=mode,
                     median_ms=t.median_ms,
@@ -259,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rank", type=int, default=GOAL_RANK)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    parser.add_argument(
+        "--adapter-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+        help="QLoRA: the adapters' dtype (default: the base's; float32 is PEFT's default)",
+    )  # fmt: skip
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument(
         "--projs", nargs="*", default=None, help="projection names (default: a few per model)"
@@ -268,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to results/nf4.csv")
     parser.add_argument("--write-strategy-table", action="store_true", help="record the fastest strategy")
     args = parser.parse_args(argv)
+    adapter_dtype = getattr(torch, args.adapter_dtype) if args.adapter_dtype else None
+    if args.write_strategy_table and adapter_dtype is not None:
+        parser.error(
+            "--write-strategy-table: the table is keyed by shape only; run it without --adapter-dtype"
+        )
     set_cpu_threads()
 
     cuda = torch.device(args.device).type == "cuda"
@@ -288,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if "qlora" in args.ops:
                 providers = args.providers or QLORA_PROVIDERS
-                rows += bench_qlora(model, proj, tokens, args.rank, dtype, args.device, providers, reps)
+                rows += bench_qlora(
+                    model, proj, tokens, args.rank, dtype, args.device, providers, reps, adapter_dtype
+                )
     print_rows(rows)
     if cuda:
         print("\n".join(_goal_summary(rows)))

@@ -18,8 +18,9 @@ nothing before it:
   tier     the gpu test tier, pytest -x                                 gpu_tier.xml, gpu_tier.txt
   bench    the goal benchmarks at the goal shapes (Gemma-2-9B q_proj, 8192 tokens; the Gemma-2-9B SAE,
            65536 tokens) for every provider and strategy (PEFT, PEFT + bitsandbytes and SAELens when
-           importable, a stand-in otherwise), rows appended after each case; the faster strategy per
-           shape into the strategy table; the autotune picks      results/*.csv, strategy_table.json,
+           importable, a stand-in otherwise), LoRA again with fp32 adapters (PEFT's default); rows
+           appended after each case; the faster strategy per shape into the strategy table; the
+           autotune picks                                              results/*.csv, strategy_table.json,
                                                                         autotune.json
   Every part that ran kernels also writes what triton compiled there (registers, spills, shared
   memory) beside the static audit's prediction for the same variant: compiled_<part>.csv.
@@ -330,6 +331,11 @@ def part_tier(out: Path, dry_run: bool) -> None:
         raise SystemExit(f"gpu tier failed (pytest exit {done.returncode})")
 
 
+# what fp32 adapters over the bf16 base (PEFT's default) cost each side, beside the roofline's prediction
+FP32_ADAPTERS = ["--adapter-dtype", "float32", "--dtype", "bfloat16", "--providers", "base", "peft",
+                 "sails_fast:fused", "sails_fast:cublas"]  # fmt: skip
+
+
 def part_bench(out: Path, dry_run: bool) -> None:
     import bench_lora
     import bench_nf4
@@ -338,11 +344,13 @@ def part_bench(out: Path, dry_run: bool) -> None:
     if dry_run:
         common = ["--quick", "--no-save"]
         bench_lora.main([*common, "--tokens", "64", "--projs", "q_proj"])
+        bench_lora.main([*common, "--tokens", "64", "--projs", "q_proj", *FP32_ADAPTERS])
         bench_nf4.main([*common, "--tokens", "64", "--projs", "q_proj"])
         bench_sae_stats.main([*common, "--tokens", "256"])
     else:
         table = ["--write-strategy-table"]
         bench_lora.main(["--models", "gemma-2-9b", "--projs", "q_proj", *table])
+        bench_lora.main(["--models", "gemma-2-9b", "--projs", "q_proj", *FP32_ADAPTERS])
         bench_nf4.main(["--models", "gemma-2-9b", "--projs", "q_proj", *table])
         bench_sae_stats.main(["--models", "gemma-2-9b", *table])
         from sails_fast import strategy
@@ -382,26 +390,32 @@ def write_autotune_picks(path: Path) -> None:
 
 
 def read_audit() -> dict[tuple, dict]:
-    """The static audit's rows by (kernel, arch, dtype, config)."""
+    """The static audit's rows by (kernel, arch, pointer operand types, constexpr flags, config)."""
     path = BENCH / "results" / "kernel_audit.csv"
     if not path.exists():
         return {}
     with open(path) as f:
-        return {(r["kernel"], r["arch"], r["dtype"], r["config"]): r for r in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    # variants that differ only in divisibility specialisation share a key: the worst case predicts
+    worst: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: (int(r["registers"] or 0), int(r["spill_bytes"] or 0))):
+        worst[(r["kernel"], r["arch"], r.get("operands", ""), r.get("flags", ""), r["config"])] = r
+    return worst
 
 
 def compiled_kernel_row(name: str, fn, kernel, audit: dict) -> dict:
     """One compiled kernel's registers, spills and shared memory beside the audit's prediction."""
-    from _common import config_text
+    from _common import config_text, flags_text, operand_text
 
     meta = kernel.metadata
     consts = {fn.arg_names[path[0]]: v for path, v in kernel.src.constants.items()}
     config = config_text(consts, meta.num_warps, meta.num_stages)
     arch = f"sm_{meta.target.arch}"
     dtype = next((t[1:] for t in kernel.src.signature.values() if t in FLOAT_POINTERS), "")
-    predicted = audit.get((name, arch, dtype, config), {})
+    operands, flags = operand_text(kernel.src.signature), flags_text(fn, kernel.src.constants)
+    predicted = audit.get((name, arch, operands, flags, config), {})
     return {
-        "kernel": name, "arch": arch, "dtype": dtype, "config": config,
+        "kernel": name, "arch": arch, "dtype": dtype, "operands": operands, "flags": flags, "config": config,
         # n_regs / n_spills exist once the kernel was loaded on a device
         "registers": getattr(kernel, "n_regs", ""), "spills": getattr(kernel, "n_spills", ""),
         "shared_bytes": meta.shared,
@@ -411,8 +425,8 @@ def compiled_kernel_row(name: str, fn, kernel, audit: dict) -> dict:
     }  # fmt: skip
 
 
-COMPILED_FIELDS = ["kernel", "arch", "dtype", "config", "registers", "spills", "shared_bytes",
-                   "audit_registers", "audit_spill_bytes", "audit_shared_bytes"]  # fmt: skip
+COMPILED_FIELDS = ["kernel", "arch", "dtype", "operands", "flags", "config", "registers", "spills",
+                   "shared_bytes", "audit_registers", "audit_spill_bytes", "audit_shared_bytes"]  # fmt: skip
 
 
 def write_compiled_kernels(path: Path) -> None:

@@ -53,7 +53,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import config_text  # noqa: E402
+from _common import config_text, flags_text, operand_text  # noqa: E402
 from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
@@ -66,8 +66,9 @@ ARCHS = (90, 89, 86, 80)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("lora", "nf4", "sae_stats")
 COLUMNS = [
-    "op", "kernel", "arch", "dtype", "shape", "config", "registers", "spill_bytes", "shared_bytes",
-    "smem_limit", "pipelined", "wgmma", "occupancy", "num_warps", "num_stages", "main_loop", "status",
+    "op", "kernel", "arch", "dtype", "operands", "flags", "shape", "config", "registers", "spill_bytes",
+    "shared_bytes", "smem_limit", "pipelined", "wgmma", "occupancy", "num_warps", "num_stages", "main_loop",
+    "status",
 ]  # fmt: skip
 
 # kernels whose work is a loop of tensor-core dots over a reduction: their loads must be pipelined
@@ -355,7 +356,9 @@ def compile_variant(variant: Variant) -> dict:
 
     row = {
         "op": variant.op, "kernel": variant.kernel, "arch": f"sm_{variant.arch}", "dtype": variant.dtype,
-        "shape": compact_shapes(variant.shapes), "config": variant.config,
+        "operands": operand_text(variant.signature), "flags": flags_text(variant.fn, variant.constexprs),
+        "shape": compact_shapes(variant.shapes),
+        "config": variant.config,
         "num_warps": variant.num_warps, "num_stages": variant.num_stages,
         "main_loop": variant.kernel in MAIN_LOOP_KERNELS,
         "smem_limit": TARGETS[variant.arch].smem_per_block,
@@ -446,7 +449,7 @@ def _progress(row: dict, done: int, total: int, start: float) -> None:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    order = lambda r: (r["op"], r["kernel"], r["arch"], r["dtype"], r["config"])
+    order = lambda r: (r["op"], r["kernel"], r["arch"], r["dtype"], r["operands"], r["flags"], r["config"])
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

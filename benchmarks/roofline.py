@@ -4,6 +4,9 @@
     python benchmarks/roofline.py --readme     # also regenerate the README's goal table
     python benchmarks/roofline.py --launches   # the per-launch counts behind each number
 
+Also printed: what fp32 adapters over a bf16 base (PEFT's default) cost each implementation, since the
+fused ops compute the adapter term in the adapter's dtype as PEFT does (3xTF32 rank-r dots).
+
 The model is `sails_fast.roofline` (also what "auto" uses until a GPU has measured): each launch takes at
 least max(tensor FLOP / peak, bytes / bandwidth, CUDA-core ops / their peak); an op is the sum of its
 launches. Devices and their sources are printed with the tables. A goal's measured column is filled
@@ -93,7 +96,12 @@ def measured_ratio(goal: Goal, device: R.Device) -> str:
     if not path.exists():
         return "predicted, not measured"
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if device.name.split()[0] in r.get("device", "")]
+        # the goals are stated for adapters in the base's dtype: rows with fp32 adapters are the cost table's
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if device.name.split()[0] in r.get("device", "") and "adapters" not in r.get("dtype", "")
+        ]
     if not rows:
         return "predicted, not measured"
     latest = max(r["date"][:13] + r["commit"] for r in rows)
@@ -162,6 +170,28 @@ def times_table() -> str:
     return "\n".join(lines)
 
 
+def adapter_cost_table() -> str:
+    """Predicted fwd+bwd ms with bf16 and with fp32 adapters over a bf16 base, per implementation."""
+    lines = [
+        "| device | fused, bf16 adapters | fused, fp32 adapters | cost | PEFT, fp32 adapters "
+        "| speed-up vs PEFT (fp32 adapters) | QLoRA fused, fp32 adapters | vs PEFT + bnb (fp32 adapters) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ms = lambda launches, device: R.total_seconds(launches, device) * 1e3
+    for key in DEVICES:
+        device = R.DEVICES[key]
+        fused16 = ms(R.lora_launches("fused", **LORA_SHAPE), device)
+        fused32 = ms(R.lora_launches("fused", **LORA_SHAPE, a=4), device)
+        peft32 = ms(R.lora_launches("peft", **LORA_SHAPE, a=4), device)
+        qlora32 = ms(R.qlora_launches("fused", **LORA_SHAPE, a=4), device)
+        bnb32 = ms(R.qlora_launches("peft_bnb", **LORA_SHAPE, a=4), device)
+        lines.append(
+            f"| {device.name} | {fused16:.3f} ms | {fused32:.3f} ms | {100 * (fused32 / fused16 - 1):+.1f} % "
+            f"| {peft32:.3f} ms | {peft32 / fused32:.2f}x | {qlora32:.3f} ms | {bnb32 / qlora32:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def launch_listing() -> str:
     device = R.DEVICES["h100-sxm"]
     lines = [f"per-launch counts on {device.name}"]
@@ -206,10 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     table = goal_table(table_rows)
     print(table)
     print(times_table())
+    adapter_cost = adapter_cost_table()
+    print(f"\nfp32 adapters over a bf16 base ({LORA_DIMS}): predicted fwd+bwd\n{adapter_cost}")
     if args.launches:
         print(launch_listing())
     if args.readme:
         update_readme_table("roofline", table)
+        update_readme_table("adapter_cost", adapter_cost)
 
 
 if __name__ == "__main__":

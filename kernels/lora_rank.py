@@ -46,7 +46,7 @@ _INTERPRET_PROJ_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 256})
 
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-    for bm, w, s in [(64, 4, 4), (32, 4, 4), (64, 8, 3)]
+    for bm, w, s in [(64, 4, 4), (32, 4, 4), (64, 8, 3), (32, 8, 3)]
 ]
 _INTERPRET_WGRAD_CONFIG = triton.Config({"BLOCK_M": 128})
 
@@ -81,18 +81,22 @@ def dropout_args(dropout_p: float) -> tuple[float, float]:
     return float(dropout_p), (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
-def _small_tiles_for_fp32(prune, operand_args: tuple[str, ...], blocks: tuple[str, str], limit: int = 4096):
+def _small_tiles_for_fp32(
+    prune, operand_args: tuple[str, ...], blocks: tuple[str, str], limit: int = 4096, per_warps: bool = False
+):
     """fp32 operands (an fp32 layer, or fp32 adapters: their products are fp32-accurate, FMA or 3xTF32)
-    hold more in registers and shared memory: only tiles of at most `limit` elements stay clear of
-    spills and of a consumer GPU's shared memory (benchmarks/kernel_audit.py checks them)."""
+    hold more in registers and shared memory: only tiles of at most `limit` elements (per 4 warps when
+    `per_warps`) stay clear of spills and of a consumer GPU's shared memory (benchmarks/kernel_audit.py
+    checks them)."""
+
+    def fits(config, args) -> bool:
+        values = {**args, **config.kwargs}
+        scale = config.num_warps / 4 if per_warps else 1
+        return values[blocks[0]] * values[blocks[1]] <= limit * scale
 
     def pruned(configs, args):
         if any(args[name].element_size() == 4 for name in operand_args):
-            small = [
-                c
-                for c in configs
-                if {**args, **c.kwargs}[blocks[0]] * {**args, **c.kwargs}[blocks[1]] <= limit
-            ]
+            small = [c for c in configs if fits(c, args)]
             configs = small or configs
         return prune(configs, args)
 
@@ -115,7 +119,9 @@ def _weight_grad_pruner():
         return pipeline_smem_bytes(config, tiles, args)
 
     prune = gemm_pruner({"BLOCK_M": "M_BUCKET"}, smem, "r_ptr")
-    return _small_tiles_for_fp32(prune, ("r_ptr", "l_ptr"), ("BLOCK_M", "BLOCK_Q"))
+    # a dropout-scaled fp32 tile split for 3xTF32 needs about 16 elements per thread to stay clear of
+    # spills on sm_89 (32 x 128 with 8 warps)
+    return _small_tiles_for_fp32(prune, ("r_ptr", "l_ptr"), ("BLOCK_M", "BLOCK_Q"), 2048, per_warps=True)
 
 
 @autotune(

@@ -105,37 +105,58 @@ def dy_partial_bytes(M: int, N: int, R: int, programs: int = 264) -> float:
     return (groups * M + splits * N) * R * 4 * 2
 
 
+# 3xTF32 (the fused kernels' fp32-accurate dot for fp32 adapters): three TF32 MMAs, each at half the 16-bit
+# tensor-core rate on every device in the table, so one rank-r FLOP costs six 16-bit FLOPs of time
+TF32X3_COST = 6.0
+
+
 def lora_launches(
-    provider: str, M: int, K: int, N: int, R: int, e: int = 2, weight_bytes: float | None = None
+    provider: str,
+    M: int,
+    K: int,
+    N: int,
+    R: int,
+    e: int = 2,
+    weight_bytes: float | None = None,
+    a: int | None = None,
 ) -> list[Launch]:
     """Forward + backward of a LoRA linear with a frozen base: dx, dA, dB (no dW), dropout 0.
 
     `weight_bytes`: what reading W once costs (e * N * K dense; the packed codes when the fused QLoRA
-    kernel dequantises tiles in registers).
+    kernel dequantises tiles in registers). `a`: the adapters' element size (default e; 4 for fp32
+    adapters over a 16-bit base, PEFT's default): the rank-r products then run in fp32 as PEFT's do.
     """
     w = e * N * K if weight_bytes is None else weight_bytes
-    rank_proj = Launch("xa = x A^T", 2.0 * M * K * R, e * (M * K + R * K + M * R))
+    a = e if a is None else a
+    if provider == "peft" and a != e:
+        return _peft_fp32_adapter_launches(M, K, N, R, e, a)
+    rank = TF32X3_COST if a > e else 1.0  # fp32 adapters over a 16-bit base: 3xTF32 rank-r dots
+    rank_proj = Launch("xa = x A^T", rank * 2.0 * M * K * R, e * M * K + a * (R * K + M * R))
     dy_pass = Launch(
-        "g = dy B, dB = dy^T xa", 4.0 * M * N * R, e * (M * N + N * R + 2 * M * R) + dy_partial_bytes(M, N, R)
+        "g = dy B, dB = dy^T xa",
+        rank * 4.0 * M * N * R,
+        e * M * N + a * (N * R + 2 * M * R) + dy_partial_bytes(M, N, R),
     )
-    grad_a = Launch("dA = g^T x", 2.0 * M * K * R, e * (M * R + M * K) + 4 * R * K)
+    grad_a = Launch("dA = g^T x", rank * 2.0 * M * K * R, a * M * R + e * M * K + 4 * R * K)
     if provider == "base":
         return [_gemm("y = x W^T", M, N, K, e), _gemm("dx = dy W", M, K, N, e)]
     if provider == "fused":
+        y_bytes = e * (M * K + M * N) + a * (M * R + N * R) + w
+        dx_bytes = e * (M * N + M * K) + a * (M * R + R * K) + w
         return [
             rank_proj,
-            Launch("y = x W^T + s xa B^T", 2.0 * M * N * (K + R), e * (M * K + M * R + N * R + M * N) + w),
+            Launch("y = x W^T + s xa B^T", 2.0 * M * N * (K + rank * R), y_bytes),
             dy_pass,
-            Launch("dx = dy W + s g A", 2.0 * M * K * (N + R), e * (M * N + M * R + R * K + M * K) + w),
+            Launch("dx = dy W + s g A", 2.0 * M * K * (N + rank * R), dx_bytes),
             grad_a,
         ]
     if provider == "cublas":
         return [
             rank_proj,
-            Launch("fill y = s xa B^T", 2.0 * M * N * R, e * (M * R + N * R + M * N)),
+            Launch("fill y = s xa B^T", rank * 2.0 * M * N * R, a * (M * R + N * R) + e * M * N),
             _gemm("y += x W^T (cuBLAS, beta 1)", M, N, K, e, extra_bytes=e * M * N),
             dy_pass,
-            Launch("fill dx = s g A", 2.0 * M * K * R, e * (M * R + R * K + M * K)),
+            Launch("fill dx = s g A", rank * 2.0 * M * K * R, a * (M * R + R * K) + e * M * K),
             _gemm("dx += dy W (cuBLAS, beta 1)", M, K, N, e, extra_bytes=e * M * K),
             grad_a,
         ]
@@ -156,6 +177,36 @@ def lora_launches(
             _pass("dx accumulate", 2 * mk, mk),
         ]
     raise ValueError(f"provider: expected one of {LORA_PROVIDERS}, got {provider!r}")
+
+
+def _fp32_gemm(name: str, m: int, n: int, k: int) -> Launch:
+    """An fp32 GEMM as torch runs it by default (allow_tf32 off): IEEE fp32 on the CUDA cores."""
+    return Launch(name, 0.0, 4.0 * (m * k + k * n + m * n), 2.0 * m * n * k)
+
+
+def _peft_fp32_adapter_launches(M: int, K: int, N: int, R: int, e: int, a: int) -> list[Launch]:
+    """PEFT's layer with fp32 adapters over an e-byte base: x cast to fp32, the adapter GEMMs in fp32,
+    the base output promoted to fp32 for the sum and cast back; autograd retraces each cast."""
+    mn, mk = M * N, M * K
+    return [
+        _gemm("base y = x W^T", M, N, K, e),
+        _pass("x.to(fp32)", e * mk, a * mk),
+        _fp32_gemm("lora_A x (fp32)", M, R, K),
+        _fp32_gemm("lora_B xa (fp32)", M, N, R),
+        _pass("* scaling (fp32)", a * mn, a * mn),
+        _pass("y + lora (promoted to fp32)", (e + a) * mn, a * mn),
+        _pass("result.to(bf16)", a * mn, e * mn),
+        _pass("grad to fp32", e * mn, a * mn),
+        _pass("grad * scaling (fp32)", a * mn, a * mn),
+        _pass("grad of the base output to bf16", a * mn, e * mn),
+        _fp32_gemm("lora_B grad input dy B (fp32)", M, R, N),
+        _fp32_gemm("lora_B grad weight dy^T xa (fp32)", N, R, M),
+        _fp32_gemm("lora_A grad input g A (fp32)", M, K, R),
+        _fp32_gemm("lora_A grad weight g^T x (fp32)", R, K, M),
+        _pass("grad of x.to(fp32) to bf16", a * mk, e * mk),
+        _gemm("base dx = dy W", M, K, N, e),
+        _pass("dx accumulate", 2 * e * mk, e * mk),
+    ]
 
 
 # ---------------------------------------------------------------- QLoRA (NF4 base, fwd + bwd)
@@ -184,26 +235,29 @@ def dequant_launch(N: int, K: int, e: int = 2) -> Launch:
     return _pass("dequantise W", nf4_weight_bytes(N, K), e * N * K)
 
 
-def qlora_launches(provider: str, M: int, K: int, N: int, R: int, e: int = 2) -> list[Launch]:
-    """Forward + backward of a QLoRA linear (NF4 base, frozen): the forward and the dx GEMM each need W."""
+def qlora_launches(
+    provider: str, M: int, K: int, N: int, R: int, e: int = 2, a: int | None = None
+) -> list[Launch]:
+    """Forward + backward of a QLoRA linear (NF4 base, frozen): the forward and the dx GEMM each need W.
+    `a`: the adapters' element size, as in `lora_launches`."""
     if provider == "lora_bf16":
-        return lora_launches("fused", M, K, N, R, e)
+        return lora_launches("fused", M, K, N, R, e, a=a)
     if provider == "fused":
         # W read as 4-bit codes inside the GEMM (once from DRAM per pass; re-reads stay in L2), and every
         # row-tile of the output dequantises all of W again in registers
-        launches = lora_launches("fused", M, K, N, R, e, weight_bytes=nf4_weight_bytes(N, K))
+        launches = lora_launches("fused", M, K, N, R, e, weight_bytes=nf4_weight_bytes(N, K), a=a)
         redo = DEQUANT_OPS_PER_ELEMENT * math.ceil(M / FUSED_NF4_BLOCK_M) * N * K
         return [Launch(x.name, x.flops, x.bytes, redo) if i in (1, 3) else x for i, x in enumerate(launches)]
     if provider == "dequant":
         # W dequantised into a buffer before each of the fused kernels' GEMMs (forward, dx)
-        xa, y, dy_pass, dx, grad_a = lora_launches("fused", M, K, N, R, e)
+        xa, y, dy_pass, dx, grad_a = lora_launches("fused", M, K, N, R, e, a=a)
         return [xa, dequant_launch(N, K, e), y, dy_pass, dequant_launch(N, K, e), dx, grad_a]
     if provider == "cublas":
-        xa, fill_y, y, dy_pass, fill_dx, dx, grad_a = lora_launches("cublas", M, K, N, R, e)
+        xa, fill_y, y, dy_pass, fill_dx, dx, grad_a = lora_launches("cublas", M, K, N, R, e, a=a)
         return [xa, fill_y, dequant_launch(N, K, e), y, dy_pass, fill_dx, dequant_launch(N, K, e), dx, grad_a]
     if provider == "peft_bnb":
         # bitsandbytes dequantises for the forward and again for dx, then cuBLAS; PEFT's adapter as dense
-        peft = lora_launches("peft", M, K, N, R, e)
+        peft = lora_launches("peft", M, K, N, R, e, a=a)
         return [dequant_launch(N, K, e), *peft[:-2], dequant_launch(N, K, e), *peft[-2:]]
     raise ValueError(f"provider: expected one of {QLORA_PROVIDERS}, got {provider!r}")
 

@@ -75,6 +75,8 @@ row = GC.compiled_kernel_row(launch.fn.__name__, launch.fn, kernel, GC.read_audi
 assert row["arch"] == "sm_90" and row["dtype"] == "bf16", row
 assert row["audit_registers"] != "not in the audit", row
 assert int(row["audit_shared_bytes"]) == row["shared_bytes"], row
+# the key tells fp32 adapters from 16-bit ones and a bias from none
+assert row["operands"] == "bf16 bf16 bf16 bf16" and "HAS_BIAS=False" in row["flags"], row
 print("ok", row["config"])
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

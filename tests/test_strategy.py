@@ -101,6 +101,28 @@ def test_roofline_counts_and_choices():
         roofline.lora_launches("nope", M, K, N, R)
 
 
+def test_roofline_prices_fp32_adapters_for_both_sides():
+    """fp32 adapters over a bf16 base: the fused rank-r dots cost 3xTF32 (six bf16 FLOPs of time each)
+    and xa / g / A / B move as fp32; PEFT runs its adapter GEMMs in IEEE fp32 on the CUDA cores and
+    adds fp32 [M, N] passes. Both get slower, PEFT far more."""
+    h100 = roofline.DEVICES["h100-sxm"]
+    M, K, N, R = 8192, 3584, 4096, 16
+    xa16, xa32 = (
+        roofline.lora_launches("fused", M, K, N, R)[0],
+        roofline.lora_launches("fused", M, K, N, R, a=4)[0],
+    )
+    assert xa32.flops == roofline.TF32X3_COST * xa16.flops
+    assert xa32.bytes - xa16.bytes == 2 * (R * K + M * R)
+    peft32 = roofline.lora_launches("peft", M, K, N, R, a=4)
+    assert sum(x.alu for x in peft32) == 2.0 * M * R * (K + N) * 3  # six fp32 GEMMs: fwd 2, bwd 4
+    t = lambda provider, **a: roofline.total_seconds(roofline.lora_launches(provider, M, K, N, R, **a), h100)
+    assert t("fused") < t("fused", a=4) < 1.1 * t("fused")
+    assert t("peft", a=4) - t("peft") > 10 * (t("fused", a=4) - t("fused"))
+    # the QLoRA providers carry the adapter size through
+    q = lambda provider, **a: roofline.total_seconds(roofline.qlora_launches(provider, M, K, N, R, **a), h100)
+    assert q("fused", a=4) > q("fused") and q("peft_bnb", a=4) > q("peft_bnb")
+
+
 def test_device_for_maps_capabilities_to_the_table():
     assert roofline.device_for(90, "NVIDIA H200").name == "H200"
     assert roofline.device_for(90, "NVIDIA H100 80GB HBM3").name == "H100 SXM"
@@ -165,6 +187,24 @@ def test_gemm_configs_are_pruned_to_the_gpus_shared_memory(arch):
         # fp32 adapters over a bf16 base: at most 64 accumulator elements per thread
         for c in prune(configs, {**args, "xa_ptr": fp32}):
             assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps, c
+
+
+@pytest.mark.parametrize("arch", [90, 89, 86, 80])
+def test_weight_grad_keeps_small_per_thread_tiles_for_fp32_adapters(arch):
+    """dA = g^T x with g in fp32 (fp32 adapters): the x tile, dropout-scaled and split for 3xTF32, spilled
+    at 32 x 128 over 4 warps on sm_89 (kernel audit); the pruner keeps at most 16 of its elements per
+    thread, and leaves the 16-bit configs alone."""
+    from sails_fast.kernels import lora_rank
+
+    prune = lora_rank._weight_grad_pruner()
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    args = {"l_ptr": bf16, "r_ptr": bf16, "M_BUCKET": 8192, "BLOCK_P": 16, "BLOCK_Q": 128}
+    with _triton.simulate_target(_triton.TARGETS[arch]):
+        sixteen_bit = prune(lora_rank._WGRAD_CONFIGS, args)
+        fp32_adapter = prune(lora_rank._WGRAD_CONFIGS, {**args, "l_ptr": fp32})
+    assert len(sixteen_bit) > len(fp32_adapter) >= 1
+    for c in fp32_adapter:
+        assert c.kwargs["BLOCK_M"] * 128 <= 16 * 32 * c.num_warps, c
 
 
 def test_benchmarks_turn_their_rows_into_table_entries():
