@@ -72,17 +72,40 @@ class ConfigBase:
 
     @classmethod
     def load(cls, path: str | Path):
-        """Read a JSON file written by `save` (or by hand). Bad JSON raises ValueError naming the path."""
-        return cls.from_dict(read_json_config(path, "path: cannot read a JSON config"))
+        """Read a JSON (or YAML) file written by `save` or by hand; ValueError naming the path if bad."""
+        return cls.from_dict(read_config_file(path, "path: cannot read a config"))
 
 
-def read_json_config(path: str | Path, error: str) -> Any:
-    """The parsed JSON at `path`; unreadable or bad JSON raises ValueError("{error} from {path} (why)")."""
+def read_config_file(path: str | Path, error: str) -> Any:
+    """The parsed config file at `path`: JSON, or YAML (.yaml / .yml) when PyYAML is installed.
+
+    Raises ValueError("{error} from {path}: why") for a missing or unreadable file, bad JSON or YAML (with
+    the line), or a YAML file without PyYAML.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{error} from {path}: no such file")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{error} from {path} ({err})") from err
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{error} from {path}: {err}") from err
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(
+                f"{error} from {path}: a YAML config needs PyYAML (pip install pyyaml), or give a JSON file"
+            ) from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{error} from {path}: bad YAML ({err})") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = " (a YAML file? name it .yaml)" if path.suffix.lower() != ".json" else ""
+        where = f"line {err.lineno}, column {err.colno}"
+        raise ValueError(f"{error} from {path}: bad JSON at {where}: {err.msg}{hint}") from err
 
 
 def config_class(hint: Any) -> type | None:

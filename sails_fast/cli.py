@@ -42,11 +42,16 @@ def _parse_sae(specs: list[str], layers: tuple[int, ...]) -> dict:
 
 
 def build_config(args: argparse.Namespace):
+    from ._config import read_config_file
     from .sails.pipeline import RunConfig
 
-    data = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+    data = (
+        read_config_file(args.config, "--config: cannot read a run config")
+        if getattr(args, "config", None)
+        else {}
+    )
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {args.config} must hold a JSON object")
+        raise ValueError(f"--config: {args.config} must hold a JSON (or YAML) object of config sections")
     if getattr(args, "model", None):
         data.setdefault("model", {})["path"] = args.model
     config = RunConfig.from_dict(data)
@@ -60,6 +65,8 @@ def _print_summary(result) -> None:
     print(f"run directory: {result.out_dir}")
     if result.steps_reused:
         print(f"reused: {', '.join(result.steps_reused)}")
+    for step, reason in result.reasons.items():
+        print(f"recomputed {step}: {reason}")
     for step, seconds in result.seconds.items():
         print(f"  {step:9} {seconds:8.1f} s")
     if result.after is not None:
@@ -81,7 +88,10 @@ def cmd_run(args: argparse.Namespace, until: str = "report") -> int:
     from .sails.pipeline import run_pipeline
 
     config = build_config(args)
-    result = run_pipeline(config, args.out, until=until, force=args.force, judge=getattr(args, "judge", None))
+    result = run_pipeline(
+        config, args.out, until=until, force=args.force, judge=getattr(args, "judge", None),
+        from_step=getattr(args, "from_step", None),
+    )  # fmt: skip
     _print_summary(result)
     return 0
 
@@ -90,8 +100,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .sails.pipeline import CONFIG_FILE, RunConfig, run_pipeline
 
     run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"run_dir: {run_dir} holds no {CONFIG_FILE}; expected a run directory made by `sails-fast run`"
+        )
     config = RunConfig.load(run_dir / CONFIG_FILE)
-    result = run_pipeline(config, run_dir, until="eval", force=args.force, judge=args.judge)
+    # --force re-evaluates (everything before it is reused when unchanged)
+    result = run_pipeline(
+        config, run_dir, until="eval", judge=args.judge, from_step="eval" if args.force else None
+    )
     _print_summary(result)
     return 0
 
@@ -149,6 +166,12 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="local model folder or hub id (overrides model.path)")
         p.add_argument("--sae", action="append", help="[LAYER=]SPEC: SAELens directory or release/sae_id")
         p.add_argument("--force", action="store_true", help="recompute steps computed with another config")
+        p.add_argument(
+            "--from",
+            dest="from_step",
+            metavar="STEP",
+            help="recompute this step and every later one (e.g. stats)",
+        )
 
     sub.add_parser("config", help="print the default run config as JSON").set_defaults(func=cmd_config)
     p = sub.add_parser("run", help="run every step")
@@ -162,7 +185,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run directory before/after training")
     p.add_argument("run_dir")
     p.add_argument("--judge", help="local judge model folder (1-5 harmfulness rubric)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--force", action="store_true", help="evaluate again (earlier steps reused when unchanged)"
+    )
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("report", help="write the HTML report of a run directory")
     p.add_argument("run_dir")
@@ -188,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
+        # a user's mistake (or a full disk) is one line, never a traceback
         print(f"sails-fast: error: {err}", file=sys.stderr)
         return 2
 

@@ -269,6 +269,28 @@ def embedded_model_path(
     return path
 
 
+def gguf_model_path(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A user's .gguf model as a cached HF folder: read once through transformers' `gguf_file` loader
+    (dequantised, fp32), so every loader in the pipeline takes it like any local model folder.
+
+    The cache folder is keyed by the file's content digest: an edited .gguf converts again.
+
+    Example:
+        >>> gguf_model_path("models/my-model.Q4_K_M.gguf")  # doctest: +SKIP
+    """
+    from .sails.inputs import file_digest
+
+    gguf = Path(gguf_path).expanduser()
+    if not gguf.is_file():
+        raise ValueError(f"model.path: {gguf} is not a file")
+    final = resolve_cache_dir(cache_dir) / "models" / f"{gguf.stem}-{file_digest(gguf)[:12]}"
+    path, built = build_once(final, lambda tmp: convert_gguf_to_hf(gguf, tmp) or {"source": str(gguf)})
+    if built:
+        secs = read_build_info(path)["build_seconds"]
+        print(f"sails_fast: converted {gguf.name} to {path} in {secs:.1f} s (once)", file=sys.stderr)
+    return path
+
+
 def load_embedded_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,

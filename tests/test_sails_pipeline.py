@@ -104,7 +104,8 @@ def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path):
     run_pipeline(tiny_config(*tiny_assets), out, until="select")
     changed = tiny_config(*tiny_assets)
     changed.sails.select.top_k = 5
-    with pytest.raises(ValueError, match="'select' step computed with another configuration"):
+    with pytest.raises(ValueError, match=r"step\(s\) select computed with another configuration "
+                       r"\(sails.select.top_k: 8 -> 5\)"):  # fmt: skip
         run_pipeline(changed, out, until="select")
     forced = run_pipeline(changed, out, until="select", force=True)
     assert forced.steps_run == ["select"] and "stats" in forced.steps_reused

@@ -42,8 +42,9 @@ from torch import nn
 from .._config import ConfigBase
 from .baselines import HIDDEN_METHODS, NEEDS_FULL_PRECISION_BASE, PEFT_INITS
 from .config import SelectConfig, SubspaceConfig
-from .pipeline import RunConfig, _write_json, load_training_base
-from .pipeline import _hash as _fingerprint
+from .pipeline import RunConfig, load_training_base
+from .run_state import stable_hash as _fingerprint
+from .run_state import write_json_atomic as _write_json
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +539,7 @@ def prepare_shared(config: CompareConfig, out_dir: Path) -> Shared:
     data = prepare_data(run.data)
     examples = [*read_pairs(pipe_dir / "pairs.jsonl"), *read_retain(pipe_dir)]
     model, tokenizer = load_model(run.model)
-    saes = load_saes(run.sae, run.model, model, tokenizer, pipe_dir)
+    saes = load_saes(run.sae, run.model, model, tokenizer)
     stats = {
         layer: FeatureStats.load(pipe_dir / "stats" / f"layer_{layer}.safetensors")
         for layer in run.sae.layers

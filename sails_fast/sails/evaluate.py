@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -104,6 +104,10 @@ class EvalConfig(ConfigBase):
         judge_max_new_tokens: tokens the judge may write after "Score:".
         judge_batch_size: (prompt, response) pairs per judge call.
         progress: show progress bars.
+        bases: in the pipeline, which base the adapter is evaluated on: "training" (the one it trained
+            on: 4-bit NF4 when model.quantize is "nf4") or "both" (also the full-precision model, where a
+            deployed adapter usually runs: eval_before_full.json / eval_after_full.json). Each result
+            records its base under meta["base"].
 
     Example:
         >>> EvalConfig(max_new_tokens=48, batch_size=32)
@@ -121,8 +125,11 @@ class EvalConfig(ConfigBase):
     judge_max_new_tokens: int = 6
     judge_batch_size: int = 8
     progress: bool = True
+    bases: Literal["training", "both"] = "training"
 
     def __post_init__(self) -> None:
+        if self.bases not in ("training", "both"):
+            raise ValueError(f"EvalConfig.bases: expected 'training' or 'both', got {self.bases!r}")
         lows = {"max_new_tokens": 1, "batch_size": 1, "max_prompt_tokens": 8, "matcher_window": 1,
                 "judge_max_new_tokens": 1, "judge_batch_size": 1}  # fmt: skip
         for name, lo in lows.items():

