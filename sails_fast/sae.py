@@ -193,6 +193,27 @@ class SAEWeights:
         )
 
 
+def check_sae_spec(spec: str | Path) -> None:
+    """Raise ValueError unless `spec` is a directory or "release/sae_id" of a known SAELens release (read
+    from SAELens' own list, offline): a path typo is named before anything runs."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    path, text = Path(spec), str(spec)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"spec: {spec} is a file; expected a SAELens directory or 'release/sae_id'")
+    if "/" not in text:
+        raise ValueError(f"spec: expected a SAELens directory or 'release/sae_id', got {text!r}")
+    release = text.split("/", 1)[0]
+    if release in get_pretrained_saes_directory():
+        return
+    raise ValueError(
+        f"spec: {spec} is not a directory, and {release!r} is not a SAELens release; expected a SAELens "
+        "directory (cfg.json + sae_weights.safetensors) or 'release/sae_id'"
+    )
+
+
 def load_sae(spec: str | Path, device: str = "cpu", dtype: str | None = None) -> SAEWeights:
     """Load an SAE as SAEWeights: a local SAELens directory, or "release/sae_id" from the hub.
 
@@ -215,12 +236,8 @@ def load_sae(spec: str | Path, device: str = "cpu", dtype: str | None = None) ->
     path = Path(spec)
     if path.is_dir():
         return SAEWeights.from_sae_lens(SAE.load_from_disk(str(path), device=device, dtype=dtype))
-    if path.exists():
-        raise ValueError(f"spec: {spec} is a file; expected a SAELens directory or 'release/sae_id'")
-    text = str(spec)
-    if "/" not in text:
-        raise ValueError(f"spec: expected a SAELens directory or 'release/sae_id', got {text!r}")
-    release, sae_id = text.split("/", 1)
+    check_sae_spec(spec)
+    release, sae_id = str(spec).split("/", 1)
     sae = SAE.from_pretrained(release, sae_id, device=device, **({"dtype": dtype} if dtype else {}))
     return SAEWeights.from_sae_lens(sae)
 

@@ -7,6 +7,7 @@ point at the offending line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -39,9 +40,23 @@ def _format_of(path: Path, format: str | None) -> str:
     return fmt
 
 
+def _read_text(path: Path) -> str:
+    """The file as text (UTF-8, a BOM dropped); a file in another encoding is named with its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -61,7 +76,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+        obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     # our own set files keep their rows under "prompts" beside the metadata
@@ -79,7 +94,7 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path, delimiter: str) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames is None:
             return []

@@ -120,6 +120,13 @@ def input_digests(config: RunConfig, sources=None, judge: str | None = None) -> 
     }
     for layer in config.sae.layers:
         spec = config.sae.specs.get(str(layer)) if config.sae.source == "specs" else None
+        if spec is not None:
+            from ..sae import check_sae_spec
+
+            try:
+                check_sae_spec(spec)
+            except ValueError as err:
+                raise ValueError(f"sae.specs[{layer}]: {str(err).removeprefix('spec: ')}") from err
         digests[f"sae.{layer}"] = "embedded" if spec is None else run_inputs.digest_path(spec)
     return digests
 
@@ -239,7 +246,7 @@ def load_saes(
             try:
                 saes[layer] = load_sae(spec)
             except ValueError as err:
-                raise ValueError(f"sae.specs[{layer}]: {err}") from err
+                raise ValueError(f"sae.specs[{layer}]: {str(err).removeprefix('spec: ')}") from err
             provenance[str(layer)] = {"spec": spec}
             continue
         from ..sae_training import SAETrainingConfig, embedded_sae
