@@ -157,7 +157,8 @@ def test_held_out_prompts_that_are_also_trained_on_are_refused(assets, tmp_path)
     ))  # fmt: skip
     cfg = tiny_config(model_dir, sae_dirs, both).to_dict()
     cfg["data"]["pairs"] = str(both)
-    with pytest.raises(ValueError, match=r"held-out prompts would be trained on: 3 of 3 test prompts are in the pairs file"):
+    leak = r"held-out prompts would be trained on: 3 of 3 test prompts are in the pairs file"
+    with pytest.raises(ValueError, match=leak):
         run_pipeline(RunConfig.from_dict(cfg), tmp_path / "run", until="data")
     assert not (tmp_path / "run").exists()
     cfg["data"]["allow_overlap"] = True

@@ -5,7 +5,7 @@ Steps (METHOD.md), each writing into the run directory:
 
     data      data.json                      prompt ids of every split (the test split is never trained on)
     pairs     pairs.jsonl, retain.jsonl      contrastive pairs (unaligned side generated once,
-                                             unaligned_cache.jsonl) and the retain examples
+                                             unaligned_cache.<key>.jsonl) and the retain examples
     saes      saes.json                      where each layer's SAE came from
     stats     stats/layer_<l>.safetensors    FeatureStats per SAE layer (+ token_map.safetensors)
     select    selection.safetensors (+json)  FeatureSelection
@@ -391,11 +391,12 @@ def run_pipeline(
             pairs = build_refusal_pairs(
                 data["train"], templates=config.data.refusal_templates, seed=config.data.seed
             )
-        cache = out_dir / "unaligned_cache.jsonl"
-        pairs = complete_pairs(model, tokenizer, pairs, config.sails.collect, cache)
+        # generation caches let a killed run resume; they belong to one model, data and config
+        caches = _generation_caches(out_dir, state.content_key("pairs"))
+        pairs = complete_pairs(model, tokenizer, pairs, config.sails.collect, caches["unaligned"])
         pairs = [p for p in pairs if p.unaligned is not None]
         write_pairs(pairs, out_dir / "pairs.jsonl")
-        write_retain(model, tokenizer, data["retain"], config.sails.collect, out_dir)
+        write_retain(model, tokenizer, data["retain"], config.sails.collect, out_dir, caches["retain"])
         return pairs
 
     pairs = step("pairs", make_pairs, lambda: read_pairs(out_dir / "pairs.jsonl"))
@@ -495,6 +496,17 @@ def _read_json_or_none(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _generation_caches(out_dir: Path, key: str) -> dict[str, Path]:
+    """This key's cache files for the unaligned completions and the retain answers; any other key's
+    (another model, data or config) are removed."""
+    caches = {kind: out_dir / f"{kind}_cache.{key}.jsonl" for kind in ("unaligned", "retain")}
+    for kind, keep in caches.items():
+        for stale in out_dir.glob(f"{kind}_cache*.jsonl"):
+            if stale != keep:
+                stale.unlink()
+    return caches
 
 
 def _clear_stale_training(train_dir: Path, key: str, restart: bool) -> None:

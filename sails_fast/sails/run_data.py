@@ -107,16 +107,16 @@ def check_no_leak(data: dict[str, list], sources: Sources, config: DataConfig) -
         )
 
 
-def write_retain(model, tokenizer, prompts: list, collect_config, out_dir: Path) -> None:
-    """The base model's own greedy answers to harmless prompts: training targets that keep it helpful."""
+def write_retain(
+    model, tokenizer, prompts: list, collect_config, out_dir: Path, cache: Path | None = None
+) -> None:
+    """The base model's own greedy answers to harmless prompts: training targets that keep it helpful.
+    `cache`: where the answers are cached as they are generated (default out_dir/retain_cache.jsonl)."""
     from .collect import generate_unaligned
 
     texts = [getattr(r, "text", str(r)) for r in prompts]
-    answers = (
-        generate_unaligned(model, tokenizer, texts, collect_config, out_dir / "retain_cache.jsonl")
-        if texts
-        else []
-    )
+    cache = out_dir / "retain_cache.jsonl" if cache is None else cache
+    answers = generate_unaligned(model, tokenizer, texts, collect_config, cache) if texts else []
     rows = [{"prompt": p, "response": a} for p, a in zip(texts, answers, strict=True) if a.strip()]
     tmp = out_dir / (RETAIN_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
