@@ -239,3 +239,17 @@ def test_real_gguf_converts_and_reloads(tmp_path, capsys):
     out = model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "4" in answer, answer
+
+
+@pytest.mark.slow
+def test_a_users_gguf_path_loads_as_a_run_model(tmp_path, monkeypatch):
+    """model.path given as a .gguf file (here the wheel's, copied where a user keeps models)."""
+    import shutil
+
+    from sails_fast.embedded import embedded_gguf_path
+    from sails_fast.sails.pipeline import ModelConfig, load_model
+
+    monkeypatch.setenv("SAILS_FAST_CACHE", str(tmp_path / "cache"))
+    gguf = shutil.copy(embedded_gguf_path(), tmp_path / "mine.Q4_1.gguf")
+    model, tok = load_model(ModelConfig(path=str(gguf)))
+    assert model.config.num_hidden_layers == 30 and tok.eos_token is not None
