@@ -299,3 +299,21 @@ def test_the_evaluation_says_which_base_and_can_use_both(assets, tmp_path):
     assert full["meta"]["base"]["weights"] == "full precision"
     table = (out / "eval_table.txt").read_text()
     assert "base: 4-bit NF4" in table and "base: full precision (the same adapter)" in table
+
+
+def test_a_run_directory_from_an_earlier_version_is_recomputed_or_refused(assets, tmp_path):
+    """run_state.json of the first format (step -> path-based fingerprint): nothing in it can be verified,
+    so the same config recomputes every step (saying why) and another config is refused."""
+    out = tmp_path / "run"
+    run_pipeline(config(assets), out, until="select")
+    steps = ["data", "pairs", "saes", "stats", "select"]
+    (out / "run_state.json").write_text(
+        json.dumps({"steps": dict.fromkeys(steps, "0123abcd"), "seconds": {}})
+    )
+    with pytest.raises(
+        ValueError, match=r"earlier sails_fast with another configuration \(sails.select.top_k"
+    ):
+        run_pipeline(config(assets, sails={"select": {"top_k": 5}}), out, until="select")
+    again = run_pipeline(config(assets), out, until="select")
+    assert again.steps_run == steps and "earlier sails_fast" in again.reasons["data"]
+    assert run_pipeline(config(assets), out, until="select").steps_run == []

@@ -171,7 +171,9 @@ class RunState:
 
     def _check_legacy(self, wanted: Sequence[str], previous: Mapping[str, Any] | None) -> None:
         now = {k: v for s in self.steps for k, v in self.configs[s].items()}
-        changes = describe_changes({k: previous[k] for k in now if k in previous}, now) if previous else []
+        # keys the earlier version did not write (newer options) cannot have changed
+        shared = [k for k in now if previous and k in previous]
+        changes = describe_changes({k: previous[k] for k in shared}, {k: now[k] for k in shared})
         if changes and not self.force:
             raise ValueError(
                 f"out_dir: {self.out_dir} was made by an earlier sails_fast with another configuration "
