@@ -317,3 +317,21 @@ def test_a_run_directory_from_an_earlier_version_is_recomputed_or_refused(assets
     again = run_pipeline(config(assets), out, until="select")
     assert again.steps_run == steps and "earlier sails_fast" in again.reasons["data"]
     assert run_pipeline(config(assets), out, until="select").steps_run == []
+
+
+def test_input_digests_follow_content_and_are_cached(tmp_path, monkeypatch):
+    from sails_fast.sails import inputs
+
+    monkeypatch.setenv("SAILS_FAST_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    (folder / ".lock").write_text("not the model")
+    first = inputs.folder_digest(folder)
+    assert json.loads((tmp_path / "cache" / "digests.json").read_text())  # cached by size and mtime
+    (folder / ".lock").write_text("changed")  # hidden entries are not the model
+    assert inputs.folder_digest(folder) == first
+    (folder / "model.safetensors").write_bytes(b"WEIGHTS" * 100)  # same size, new bytes
+    assert inputs.folder_digest(folder) != first
+    assert inputs.digest_path(folder).startswith("folder:")
+    assert inputs.digest_path("org/not-cached") == "hub:org/not-cached@unresolved"

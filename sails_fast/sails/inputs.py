@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 _CACHE_NAME = "digests.json"
+# folders with more unhashed bytes than this show a progress bar
+PROGRESS_BYTES = 256 * 2**20
 
 
 def _cache_path() -> Path:
@@ -45,13 +47,20 @@ class _DigestCache:
         except (OSError, ValueError):
             pass
 
-    def digest(self, path: Path) -> str:
+    def cached(self, path: Path) -> str | None:
         stat = path.stat()
-        key = str(path.resolve())
-        hit = self.entries.get(key)
+        hit = self.entries.get(str(path.resolve()))
         if isinstance(hit, list) and hit[:2] == [stat.st_size, stat.st_mtime_ns]:
             return hit[2]
-        value = _sha256(path)
+        return None
+
+    def digest(self, path: Path, bar=None) -> str:
+        hit = self.cached(path)
+        if hit is not None:
+            return hit
+        stat = path.stat()
+        key = str(path.resolve())
+        value = _sha256(path, bar)
         self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
         self.dirty = True
         return value
@@ -68,11 +77,13 @@ class _DigestCache:
             pass
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, bar=None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -96,14 +107,21 @@ def _folder_files(root: Path) -> list[Path]:
 
 def folder_digest(path: str | os.PathLike) -> str:
     """sha256 over a folder's files: relative names and contents (hidden entries skipped)."""
+    from tqdm.auto import tqdm
+
     root = Path(path)
     cache = _DigestCache()
+    files = _folder_files(root)
+    todo = sum(f.stat().st_size for f in files if cache.cached(f) is None)
     h = hashlib.sha256()
-    try:
-        for file in _folder_files(root):
-            h.update(f"{file.relative_to(root).as_posix()}\0{cache.digest(file)}\n".encode())
-    finally:
-        cache.save()
+    # the first read of a large model takes a while: say so (later runs hit the cache)
+    with tqdm(total=todo, unit="B", unit_scale=True, desc=f"hashing {root.name}",
+              disable=todo < PROGRESS_BYTES) as bar:  # fmt: skip
+        try:
+            for file in files:
+                h.update(f"{file.relative_to(root).as_posix()}\0{cache.digest(file, bar)}\n".encode())
+        finally:
+            cache.save()
     return h.hexdigest()
 
 
