@@ -4,18 +4,13 @@ It must never become a top-level module named `kernels`: that name belongs to th
 which bitsandbytes and transformers probe at import time.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=[
-        "sails_fast",
-        "sails_fast.data",
-        "sails_fast.integrations",
-        "sails_fast.kernels",
-        "sails_fast.sails",
-    ],
+    # every package under sails_fast/ (one per concern: core, fused, ..., pipeline, study), plus kernels/
+    packages=["sails_fast", *(f"sails_fast.{p}" for p in find_packages("sails_fast")), "sails_fast.kernels"],
     package_dir={"sails_fast": "sails_fast", "sails_fast.kernels": "kernels"},
     # the project's own prompt sets (harmless, safe-but-scary) ship as JSON inside the package, and so
     # does the measured strategy table "auto" reads
-    package_data={"sails_fast.data": ["*.json"], "sails_fast": ["strategy_table.json"]},
+    package_data={"sails_fast.data": ["*.json"], "sails_fast.fused": ["strategy_table.json"]},
 )

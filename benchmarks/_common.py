@@ -202,9 +202,9 @@ def fastest_strategies(rows: list[Row], prefix: str, mode: str = "fwd+bwd") -> d
 
 
 def write_strategy_table(op: str, choices: dict[str, str], device: str) -> None:
-    """Record measured choices {shape bucket: strategy} for this GPU in sails_fast/strategy_table.json,
+    """Record measured choices {shape bucket: strategy} for this GPU in sails_fast/fused/strategy_table.json,
     the table "auto" reads before the roofline model. CUDA runs only: a CPU timing says nothing about it."""
-    from sails_fast import strategy
+    from sails_fast.fused import strategy
 
     device = torch.device(device)
     if device.type != "cuda":

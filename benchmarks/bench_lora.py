@@ -9,7 +9,7 @@ Providers: "base" (F.linear alone: the floor the fused op is measured against), 
 reference, autograd), "peft" (PEFT's lora.Linear), "sails_fast" (strategy "auto"), "sails_fast:fused" and
 "sails_fast:cublas" (each strategy; CUDA only: on CPU the kernels run in the interpreter, which is a
 correctness tool, not a speed measurement). `--write-strategy-table` records the faster strategy per
-shape for this GPU in sails_fast/strategy_table.json, which "auto" reads.
+shape for this GPU in sails_fast/fused/strategy_table.json, which "auto" reads.
 Each provider's output and gradients are checked against the fp32 reference before it is timed.
 Rows are appended to benchmarks/results/lora.csv.
 """
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def strategy_choices(rows: list[Row], r: int) -> dict[str, str]:
     """{strategy-table shape bucket: the faster strategy} from the fwd+bwd rows of this run."""
-    from sails_fast.strategy import shape_key
+    from sails_fast.fused.strategy import shape_key
 
     choices = {}
     for (_, _, dims, _), choice in fastest_strategies(rows, STRATEGY_PREFIX).items():

@@ -21,7 +21,7 @@ QLoRA providers (x [M, K], NF4 weight [N, K], rank r, frozen base; gradients of 
   "sails_dequant" strategy "dequant": W dequantised once into a reused buffer, then the fused LoRA GEMMs
   "sails_cublas"  strategy "cublas": dequantised once, then torch's GEMM (cuBLAS) on the rank-r fill (CUDA)
 `--write-strategy-table` records the fastest strategy per shape for this GPU in
-sails_fast/strategy_table.json, which "auto" reads.
+sails_fast/fused/strategy_table.json, which "auto" reads.
 Every provider's output and gradients pass the fp32-reference rule before timing. The Triton providers
 run on CPU only through the interpreter, a correctness tool and not a speed measurement, so CPU rows
 never time them. Rows are appended to benchmarks/results/nf4.csv.
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def strategy_choices(rows: list[Row], r: int) -> dict[str, str]:
     """{strategy-table shape bucket: the fastest strategy} from this run's fwd+bwd QLoRA rows."""
-    from sails_fast.strategy import shape_key
+    from sails_fast.fused.strategy import shape_key
 
     qlora_rows = [row for row in rows if row.provider in QLORA_PROVIDERS]
     choices = {}

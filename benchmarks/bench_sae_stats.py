@@ -13,7 +13,7 @@ Providers:
   "sails_fast:fused", "sails_fast:chunked"   each strategy (CUDA): the one-pass Triton kernel; torch's
                 GEMM into fp32 chunks of at most 256 MiB reduced by a Triton kernel.
 `--write-strategy-table` records the faster strategy per shape for this GPU in
-sails_fast/strategy_table.json, which "auto" reads.
+sails_fast/fused/strategy_table.json, which "auto" reads.
 sails_fast's statistics are checked against the dense computation before anything is timed. Peak
 memory: torch.cuda.max_memory_allocated above the inputs on CUDA; on CPU the peak RSS above the current
 RSS (VmHWM reset through /proc/self/clear_refs). Rows go to benchmarks/results/sae_stats.csv.
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def strategy_choices(rows: list[Row]) -> dict[str, str]:
     """{strategy-table shape bucket: the faster strategy} from this run's rows."""
-    from sails_fast.strategy import shape_key
+    from sails_fast.fused.strategy import shape_key
 
     choices = {}
     for (_, _, dims, _), choice in fastest_strategies(rows, STRATEGY_PREFIX, mode="fwd").items():

@@ -353,7 +353,7 @@ def part_bench(out: Path, dry_run: bool) -> None:
         bench_lora.main(["--models", "gemma-2-9b", "--projs", "q_proj", *FP32_ADAPTERS])
         bench_nf4.main(["--models", "gemma-2-9b", "--projs", "q_proj", *table])
         bench_sae_stats.main(["--models", "gemma-2-9b", *table])
-        from sails_fast import strategy
+        from sails_fast.fused import strategy
 
         shutil.copy(strategy.TABLE_PATH, out / "strategy_table.json")
     write_autotune_picks(out / "autotune.json")

@@ -57,7 +57,7 @@ from _common import config_text, flags_text, operand_text  # noqa: E402
 from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
-from sails_fast.roofline import DEFAULT_MAX_CHUNK_BYTES  # noqa: E402
+from sails_fast.fused.roofline import DEFAULT_MAX_CHUNK_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV_PATH = ROOT / "benchmarks" / "results" / "kernel_audit.csv"
@@ -219,6 +219,7 @@ def nf4_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
 def sae_stats_cases(dtype: torch.dtype, models: list[str], subset: bool = False):
     from sails_fast import FeatureStats, SAEWeights
     from sails_fast.kernels import sae_stats as KS
+    from sails_fast.kernels import sae_stats_chunked as KC
 
     for model in models:
         d, F = MODELS[model].hidden, MODELS[model].sae_width
@@ -236,14 +237,14 @@ def sae_stats_cases(dtype: torch.dtype, models: list[str], subset: bool = False)
                 x = _t(GOAL_TOKENS_SAE, d, dtype=dtype)
                 labels = torch.zeros(GOAL_TOKENS_SAE, dtype=torch.int64)
                 weights = _t(GOAL_TOKENS_SAE, dtype=torch.float32)
-                chunk = KS.chunk_tokens(F, DEFAULT_MAX_CHUNK_BYTES)
+                chunk = KC.chunk_tokens(F, DEFAULT_MAX_CHUNK_BYTES)
                 # the chunked strategy's GEMM is torch's; its reduction kernel gets one chunk's fp32 [T_c, F]
                 pre = _t(chunk, F, dtype=torch.float32)
                 for deterministic in (False, True):
                     out = FeatureStats.empty(2, F)
                     KS.sae_stats_accumulate(x, sae, labels, weights, out, deterministic=deterministic)
                     accumulators = KS._Accumulators(FeatureStats.empty(2, F), deterministic)
-                    KS.chunk_statistics(
+                    KC.chunk_statistics(
                         pre, sae, labels[:chunk], weights[:chunk], accumulators, 0, deterministic
                     )
 

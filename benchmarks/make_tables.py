@@ -53,7 +53,7 @@ def lora_table(rows: list[dict]) -> str:
 
 def compare_table(rows: list[dict]) -> str:
     """`sails-fast compare`'s summary (mean ± std over seeds), as the CLI prints it."""
-    from sails_fast.sails.compare_outputs import format_summary
+    from sails_fast.study.compare_outputs import format_summary
 
     def value(key: str, text: str):
         if text == "" or key in ("method", "kind"):

@@ -7,8 +7,8 @@
 Also printed: what fp32 adapters over a bf16 base (PEFT's default) cost each implementation, since the
 fused ops compute the adapter term in the adapter's dtype as PEFT does (3xTF32 rank-r dots).
 
-The model is `sails_fast.roofline` (also what "auto" uses until a GPU has measured): each launch takes at
-least max(tensor FLOP / peak, bytes / bandwidth, CUDA-core ops / their peak); an op is the sum of its
+The model is `sails_fast.fused.roofline` (also what "auto" uses until a GPU has measured): each launch
+takes at least max(tensor FLOP / peak, bytes / bandwidth, CUDA-core ops / their peak); an op is the sum of its
 launches. Devices and their sources are printed with the tables. A goal's measured column is filled
 from benchmarks/results/<op>.csv rows run on that device (side by side, one run), else "predicted, not
 measured".
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tables import update_readme_table  # noqa: E402
 from shapes import GOAL_RANK, GOAL_TOKENS_LORA, GOAL_TOKENS_SAE, MODELS  # noqa: E402
 
-from sails_fast import roofline as R  # noqa: E402
+from sails_fast.fused import roofline as R
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,8 +1,8 @@
 """The paper's identification theorem on synthetic data: sweep, CSV, plot and a printed table.
 
-Runs `sails_fast.theory.sweep` (every estimator over sample size x entanglement x polysemanticity x seed,
-CPU, float64), writes the per-configuration summary over seeds to benchmarks/results/theory.csv (with the
-device, versions and commit) and a three-panel figure to benchmarks/results/theory.png.
+Runs `sails_fast.study.theory.sweep` (every estimator over sample size x entanglement x polysemanticity
+x seed, CPU, float64), writes the per-configuration summary over seeds to benchmarks/results/theory.csv
+(with the device, versions and commit) and a three-panel figure to benchmarks/results/theory.png.
 
     python benchmarks/theory.py              # the committed run (16 seeds, ~15-30 s on 2 cores)
     python benchmarks/theory.py --seeds 4    # quicker
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from sails_fast.theory import TheoryConfig, TheorySummary, summarize, sweep
+from sails_fast.study.theory import TheorySummary, summarize, sweep
+from sails_fast.study.theory_problem import TheoryConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLE_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -9,7 +9,7 @@ Strategy "fused" (docs/lora_backward.md has the derivation):
             dx = dy @ W + scaling * keep * (g @ A) / (1-p)    `_lora_bwd_dx_kernel`
             dA = scaling * g^T @ dropout(x)            `lora_rank.lora_weight_grad`
 Strategy "cublas" keeps the rank-r pieces and replaces the two big GEMMs by torch (cuBLAS) accumulating
-into a buffer `lora_rank.low_rank_fill` wrote (sails_fast/lora.py). The dropout keep-mask is regenerated
+into a buffer `lora_rank.low_rank_fill` wrote (sails_fast/fused/lora.py). The dropout keep-mask is regenerated
 from (seed, flat index) with Philox (tl.rand); it is never stored.
 
 Launchers check shapes, allocate through `_triton.empty` and launch; no autograd here.

@@ -7,7 +7,7 @@
   `_low_rank_fill_kernel`    out = scaling * dropout'(left @ right) + bias, the buffer the "cublas"
                              strategy's torch GEMM accumulates into (beta = 1)
 
-Used by both strategies of the dense LoRA linear (kernels/lora.py, sails_fast/lora.py) and by QLoRA.
+Used by both strategies of the dense LoRA linear (kernels/lora.py, sails_fast/fused/lora.py) and by QLoRA.
 Launchers check shapes, allocate through `_triton.empty` and launch; no autograd here.
 """
 

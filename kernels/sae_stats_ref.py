@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sails_fast.stats import FeatureStats
+from sails_fast.core.feature_stats import FeatureStats
 
 # activations held at once per chunk (fp32): 2**23 -> 32 MiB per [chunk, F] temporary
 DEFAULT_CHUNK_ELEMENTS = 2**23

@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from sails_fast.pipeline.summary import print_summary
+
 STEP_COMMANDS = ("stats", "select", "subspace", "init", "train")
 
 
@@ -42,8 +44,8 @@ def _parse_sae(specs: list[str], layers: tuple[int, ...]) -> dict:
 
 
 def build_config(args: argparse.Namespace):
-    from ._config import read_config_file
-    from .sails.pipeline import RunConfig
+    from sails_fast.core.config import read_config_file
+    from sails_fast.pipeline.config import RunConfig
 
     data = (
         read_config_file(args.config, "--config: cannot read a run config")
@@ -61,43 +63,28 @@ def build_config(args: argparse.Namespace):
     return config
 
 
-def _print_summary(result) -> None:
-    print(f"run directory: {result.out_dir}")
-    if result.steps_reused:
-        print(f"reused: {', '.join(result.steps_reused)}")
-    for step, reason in result.reasons.items():
-        print(f"recomputed {step}: {reason}")
-    for step, seconds in result.seconds.items():
-        print(f"  {step:9} {seconds:8.1f} s")
-    if result.after is not None:
-        from .sails.evaluate import compare
-
-        print(compare(result.before, result.after))
-    if result.report_path is not None:
-        print(f"report: {result.report_path}")
-
-
 def cmd_config(args: argparse.Namespace) -> int:
-    from .sails.pipeline import config_schema
+    from sails_fast.pipeline.run import config_schema
 
     print(json.dumps(config_schema(), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, until: str = "report") -> int:
-    from .sails.pipeline import run_pipeline
+    from sails_fast.pipeline.run import run_pipeline
 
     config = build_config(args)
     result = run_pipeline(
         config, args.out, until=until, force=args.force, judge=getattr(args, "judge", None),
         from_step=getattr(args, "from_step", None),
     )  # fmt: skip
-    _print_summary(result)
+    print_summary(result)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .sails.pipeline import CONFIG_FILE, RunConfig, run_pipeline
+    from sails_fast.pipeline.config import RunConfig
+    from sails_fast.pipeline.run import CONFIG_FILE, run_pipeline
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -109,12 +96,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_pipeline(
         config, run_dir, until="eval", judge=args.judge, from_step="eval" if args.force else None
     )
-    _print_summary(result)
+    print_summary(result)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .sails.report import report
+    from sails_fast.report.html import report
 
     path = report(Path(args.run_dir))
     print(f"report: {path}")
@@ -122,15 +109,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from sails_fast.pipeline.demo import run_demo
 
     run_demo(out_dir=args.out, force=args.force, quick=args.quick)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .sails.compare import CompareConfig, run_compare
-    from .sails.compare_outputs import format_summary, summarize
+    from sails_fast.study.compare import run_compare
+    from sails_fast.study.compare_config import CompareConfig
+    from sails_fast.study.compare_outputs import format_summary, summarize
 
     if args.print_config:
         print(json.dumps(CompareConfig().to_dict(), indent=2, sort_keys=True))

@@ -7,15 +7,17 @@ import torch
 from tiny import tiny_llama, tiny_tokenizer
 
 from sails_fast.data import ContrastivePair
-from sails_fast.sails.baselines import (
+from sails_fast.lora_init.config import InitConfig
+from sails_fast.lora_init.init import init_lora_from_subspace, make_lora_config
+from sails_fast.pairs.config import CollectConfig
+from sails_fast.pairs.tokenize import tokenize_example
+from sails_fast.study.baselines import (
     collect_hidden_pooled,
     hidden_subspace,
     peft_init_model,
     peft_lora_config,
 )
-from sails_fast.sails.collect import CollectConfig, tokenize_example
-from sails_fast.sails.init import InitConfig, init_lora_from_subspace, make_lora_config
-from sails_fast.theory import pca_of_differences
+from sails_fast.study.theory_estimators import pca_of_differences
 
 PAIRS = [
     ContrastivePair(
@@ -118,7 +120,7 @@ def test_hidden_subspace_initialises_lora_like_the_sae_subspace(tiny):
 
 
 def _calibration(tok, n: int = 6):
-    from sails_fast.sails.train import sft_batch
+    from sails_fast.training.sft import sft_batch
 
     encoded = [tokenize_example(tok, p, p.aligned, chat_template=True, max_length=64)[:2] for p in PAIRS[:n]]
     ids, mask, labels = sft_batch(encoded, tok.pad_token_id)

@@ -10,18 +10,12 @@ import torch
 from test_sails_pipeline import write_tiny_assets
 
 from sails_fast.cli import main as cli_main
-from sails_fast.sails import compare as compare_mod
-from sails_fast.sails.compare import (
-    CompareConfig,
-    MethodSpec,
-    build_method_model,
-    prepare_shared,
-    record_fingerprint,
-    run_compare,
-    steps_to_held_target,
-    steps_to_target,
-)
-from sails_fast.sails.compare_outputs import format_summary, summarize
+from sails_fast.study import compare as compare_mod
+from sails_fast.study import compare_config as compare_config_mod
+from sails_fast.study.compare import prepare_shared, record_fingerprint, run_compare
+from sails_fast.study.compare_config import CompareConfig, MethodSpec
+from sails_fast.study.compare_methods import build_method_model, steps_to_held_target, steps_to_target
+from sails_fast.study.compare_outputs import format_summary, summarize
 
 # ----- configs
 
@@ -48,7 +42,7 @@ def test_method_spec_rejects_bad_entries(spec, match):
 
 def test_compare_config_round_trips_and_validates(tmp_path):
     config = CompareConfig()
-    assert [m.kind for m in config.methods] == list(compare_mod.METHOD_KINDS)
+    assert [m.kind for m in config.methods] == list(compare_config_mod.METHOD_KINDS)
     config.save(tmp_path / "c.json")
     again = CompareConfig.load(tmp_path / "c.json")
     assert again.to_dict() == config.to_dict()
@@ -290,7 +284,7 @@ def test_the_committed_comparison_configs_are_valid(name, seeds):
     from pathlib import Path
 
     config = CompareConfig.load(Path(__file__).resolve().parent.parent / "benchmarks" / "compare" / name)
-    assert {m.kind for m in config.methods} == set(compare_mod.METHOD_KINDS)
+    assert {m.kind for m in config.methods} == set(compare_config_mod.METHOD_KINDS)
     assert len(config.seeds) == seeds
     assert config.run.model.quantize == "none" and config.run.model.path == "embedded"
 
@@ -301,7 +295,7 @@ def test_compare_with_a_judge_scores_every_final_evaluation(tiny_compare, tmp_pa
     from test_evaluate import _rigged_judge
     from tiny import tiny_tokenizer
 
-    from sails_fast.sails import evaluate as evaluate_mod
+    from sails_fast.evaluation import judge as evaluate_mod
 
     config, out, _, _ = tiny_compare
     judge_dir = out.parent / "model"  # any existing folder; loading is rigged below

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_sails_pipeline import tiny_assets, tiny_config  # noqa: F401  (fixture)
 
-from sails_fast.demo import DEMO_LAYER, demo_config, run_demo
+from sails_fast.pipeline.demo import DEMO_LAYER, demo_config, run_demo
 
 
 def test_demo_code_path_on_a_tiny_model(tiny_assets, tmp_path, capsys):  # noqa: F811

@@ -13,8 +13,9 @@ import pytest
 import torch
 from tiny import save_tiny
 
-from sails_fast import embedded
-from sails_fast.embedded import (
+from sails_fast.core.paths import default_cache_dir
+from sails_fast.models import embedded
+from sails_fast.models.embedded import (
     COMPLETE_MARKER,
     INSTALL_HINT,
     build_once,
@@ -193,7 +194,7 @@ def test_default_cache_dir_from_environment(monkeypatch, tmp_path):
     path = embedded_model_path(converter=conv, gguf_path=_fake_gguf(tmp_path), verbose=False)
     assert path.parent == tmp_path / "envcache" / "models"
     monkeypatch.delenv("SAILS_FAST_CACHE")
-    assert embedded.default_cache_dir() == Path.home() / ".cache" / "sails_fast"
+    assert default_cache_dir() == Path.home() / ".cache" / "sails_fast"
 
 
 def test_bad_arguments(tmp_path):
@@ -246,8 +247,9 @@ def test_a_users_gguf_path_loads_as_a_run_model(tmp_path, monkeypatch):
     """model.path given as a .gguf file (here the wheel's, copied where a user keeps models)."""
     import shutil
 
-    from sails_fast.embedded import embedded_gguf_path
-    from sails_fast.sails.pipeline import ModelConfig, load_model
+    from sails_fast.models.embedded import embedded_gguf_path
+    from sails_fast.models.loading import load_model
+    from sails_fast.pipeline.config import ModelConfig
 
     monkeypatch.setenv("SAILS_FAST_CACHE", str(tmp_path / "cache"))
     gguf = shutil.copy(embedded_gguf_path(), tmp_path / "mine.Q4_1.gguf")

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from test_sails_pipeline import HARMFUL, save_tiny_sae, tiny_config, write_prompts
 from tiny import save_tiny
 
-from sails_fast.sails.pipeline import STEP_DEPENDS, STEPS, RunConfig, run_pipeline
-from sails_fast.sails.run_state import RunState
+from sails_fast.pipeline.config import RunConfig
+from sails_fast.pipeline.fingerprints import STEP_DEPENDS, STEPS
+from sails_fast.pipeline.run import run_pipeline
+from sails_fast.pipeline.state import RunState
 
 
 def _config(model, saes, prompts, **changes) -> RunConfig:
@@ -97,8 +99,8 @@ def test_a_kill_during_any_step_resumes_to_the_uninterrupted_result(world, tmp_p
 
 @pytest.mark.parametrize("where", ["stats after layer 0", "pairs before retain"])
 def test_a_kill_in_the_middle_of_a_step_leaves_nothing_stale(world, tmp_path, monkeypatch, where):
-    from sails_fast.sails import run_data
-    from sails_fast.stats import FeatureStats
+    from sails_fast.core.feature_stats import FeatureStats
+    from sails_fast.pipeline import data as run_data
 
     if where.startswith("stats"):
         real_save = FeatureStats.save
@@ -114,7 +116,7 @@ def test_a_kill_in_the_middle_of_a_step_leaves_nothing_stale(world, tmp_path, mo
             raise KeyboardInterrupt
 
         monkeypatch.setattr(run_data, "write_retain", write_retain)
-        monkeypatch.setattr("sails_fast.sails.pipeline.write_retain", write_retain)
+        monkeypatch.setattr("sails_fast.pipeline.run.write_retain", write_retain)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(config(world), out)

@@ -36,6 +36,9 @@ def test_wheel_layout(tmp_path):
         "sails_fast/kernels/_triton.py",
         "sails_fast/data/harmless.json",
         "sails_fast/sails/pipeline.py",
+        "sails_fast/pipeline/run.py",
+        "sails_fast/study/theory.py",
+        "sails_fast/fused/strategy_table.json",
         "sails_fast/integrations/peft.py",
     ]
     assert [n for n in needed if n not in names] == []

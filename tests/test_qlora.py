@@ -161,7 +161,7 @@ def test_reused_buffer_between_layers(kernel_device):
 
 
 def test_auto_runs_the_strategy_the_table_or_roofline_picks(kernel_device):
-    from sails_fast import strategy
+    from sails_fast.fused import strategy
 
     x, nf4, a, b, bias = make_inputs((20,), 64, 48, 4, 64, torch.float32, kernel_device)
     chosen = strategy.choose("qlora_linear", x.device, M=20, K=64, N=48, R=4)

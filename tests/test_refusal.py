@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sails_fast.sails.refusal import RefusalMatcher, normalize_response
+from sails_fast.evaluation.refusal import RefusalMatcher, normalize_response
 
 LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
 

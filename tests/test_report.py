@@ -11,15 +11,11 @@ import pytest
 import torch
 from tiny import tiny_llama, tiny_tokenizer
 
-from sails_fast.sae import SAEWeights
-from sails_fast.sails.report import (
-    PLOTS,
-    TokenMap,
-    adapter_update_shares,
-    build_token_map,
-    report,
-    update_in_span,
-)
+from sails_fast.report.html import report
+from sails_fast.report.plots import PLOTS
+from sails_fast.report.shares import adapter_update_shares, update_in_span
+from sails_fast.report.token_map import TokenMap, build_token_map
+from sails_fast.sae.weights import SAEWeights
 
 LAYER, F, RANK = 1, 40, 4
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -69,13 +65,19 @@ def tiny_run(tmp_path_factory):
     from peft import get_peft_model
 
     from sails_fast.data import write_pairs
-    from sails_fast.sails.collect import CollectConfig, collect_feature_stats
-    from sails_fast.sails.config import InitConfig, SelectConfig, SubspaceConfig
-    from sails_fast.sails.evaluate import EvalConfig, compare, evaluate_before_after
-    from sails_fast.sails.init import init_lora_from_subspace, make_lora_config
-    from sails_fast.sails.select import select_features
-    from sails_fast.sails.subspace import build_subspace
-    from sails_fast.sails.train import TrainConfig, train
+    from sails_fast.evaluation.config import EvalConfig
+    from sails_fast.evaluation.results import compare
+    from sails_fast.evaluation.run import evaluate_before_after
+    from sails_fast.lora_init.config import InitConfig
+    from sails_fast.lora_init.init import init_lora_from_subspace, make_lora_config
+    from sails_fast.pairs.config import CollectConfig
+    from sails_fast.selection.config import SelectConfig
+    from sails_fast.selection.select import select_features
+    from sails_fast.statistics.collect import collect_feature_stats
+    from sails_fast.subspace.config import SubspaceConfig
+    from sails_fast.subspace.subspace import build_subspace
+    from sails_fast.training.config import TrainConfig
+    from sails_fast.training.loop import train
 
     run = tmp_path_factory.mktemp("run")
     tok, pairs, sae = tiny_tokenizer(), _pairs(), _sae()

@@ -15,7 +15,9 @@ from test_sails_pipeline import HARMFUL, save_tiny_sae, tiny_config, write_promp
 from tiny import save_tiny
 
 from sails_fast.cli import main as cli_main
-from sails_fast.sails.pipeline import ModelConfig, RunConfig, resolve_model_path, run_pipeline
+from sails_fast.models.loading import resolve_model_path
+from sails_fast.pipeline.config import ModelConfig, RunConfig
+from sails_fast.pipeline.run import run_pipeline
 
 ADAPTER = "train/adapter/adapter_model.safetensors"
 
@@ -67,7 +69,7 @@ def test_force_after_a_selection_change_retrains_instead_of_resuming(assets, tmp
 
 def test_interrupted_training_resumes_only_its_own_checkpoints(assets, tmp_path, monkeypatch):
     """A kill mid-training resumes (same init, data, config); --from train starts over."""
-    from sails_fast.sails import train as train_module
+    from sails_fast.training import loop as train_module
 
     out = tmp_path / "run"
     real_save = train_module._save_checkpoint
@@ -122,7 +124,7 @@ def test_an_edited_data_file_recomputes_what_depends_on_it(assets, tmp_path):
     again = run_pipeline(cfg, out, until="pairs")
     assert again.steps_run == ["data", "pairs"]
     assert "data.harmful" in again.reasons["data"]
-    from sails_fast.sails.pipeline import prepare_data
+    from sails_fast.pipeline.data import prepare_data
 
     ids = {k: [r.id for r in v] for k, v in prepare_data(cfg.data).items()}
     assert json.loads((out / "data.json").read_text()) == ids
@@ -264,7 +266,7 @@ def test_a_yaml_config_runs(assets, tmp_path):
 
 
 def test_a_gguf_model_path_is_converted_once_through_transformers(assets, tmp_path, monkeypatch):
-    from sails_fast import embedded
+    from sails_fast.models import embedded
 
     model_dir = assets[0]
     monkeypatch.setenv("SAILS_FAST_CACHE", str(tmp_path / "cache"))
@@ -320,7 +322,7 @@ def test_a_run_directory_from_an_earlier_version_is_recomputed_or_refused(assets
 
 
 def test_input_digests_follow_content_and_are_cached(tmp_path, monkeypatch):
-    from sails_fast.sails import inputs
+    from sails_fast.core import digests as inputs
 
     monkeypatch.setenv("SAILS_FAST_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"

@@ -18,6 +18,7 @@ from test_sae_weights import make_sae_lens, make_x
 from sails_fast import FeatureStats, SAEWeights, sae_feature_stats
 from sails_fast.kernels import _triton
 from sails_fast.kernels import sae_stats as KS
+from sails_fast.kernels import sae_stats_chunked as KC
 
 ARCHS = ["standard", "jumprelu", "topk"]
 C = 3
@@ -49,8 +50,8 @@ def test_chunked_never_holds_more_than_a_chunk(monkeypatch):
     """The chunked strategy's GEMM output is [T_c, F] with 4 * T_c * F <= max_chunk_bytes: memory
     O(chunk x F), never O(T x F)."""
     shapes = []
-    encode = KS.encode_fp32
-    monkeypatch.setattr(KS, "encode_fp32", lambda x, sae: shapes.append(tuple(x.shape)) or encode(x, sae))
+    encode = KC.encode_fp32
+    monkeypatch.setattr(KC, "encode_fp32", lambda x, sae: shapes.append(tuple(x.shape)) or encode(x, sae))
     sae = SAEWeights.from_sae_lens(make_sae_lens("standard", 32, 100))
     limit = 4 * 100 * 7
     sae_feature_stats(
@@ -154,7 +155,7 @@ def test_bad_strategy_arguments_name_the_argument(change, name):
 
 
 def test_auto_runs_the_strategy_the_table_or_roofline_picks():
-    from sails_fast import strategy
+    from sails_fast.fused import strategy
 
     sae = SAEWeights.from_sae_lens(make_sae_lens("standard", 64, 300))
     x, labels = make_x(20, 64), make_labels(20, 2)

@@ -7,19 +7,12 @@ import pytest
 import torch
 from tiny import CORPUS, tiny_llama, tiny_tokenizer
 
-from sails_fast import sae_training
-from sails_fast.embedded import is_complete, read_build_info
-from sails_fast.sae import SAEWeights, load_sae
-from sails_fast.sae_training import (
-    SAETrainingConfig,
-    collect_residual_activations,
-    default_sae_texts,
-    embedded_sae,
-    fit_sae,
-    sae_metrics,
-    select_texts,
-    train_sae,
-)
+from sails_fast.models.embedded import is_complete, read_build_info
+from sails_fast.sae.weights import SAEWeights, load_sae
+from sails_fast.sae_training import training as sae_training
+from sails_fast.sae_training.activations import _new_positions, collect_residual_activations
+from sails_fast.sae_training.embedded import default_sae_texts, embedded_sae
+from sails_fast.sae_training.training import SAETrainingConfig, fit_sae, sae_metrics, select_texts, train_sae
 
 # a handful of steps: enough to show the plumbing, not to train well
 TINY = dict(expansion_factor=2, k=8, training_tokens=64 * 8, batch_size=64, lr=3e-3, eval_fraction=0.25)
@@ -90,7 +83,7 @@ def test_activations_are_the_block_outputs(model, tok, texts):
         ids = tok(t, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             h = model(ids, output_hidden_states=True).hidden_states[2][0]
-        keep = sae_training._new_positions(ids[0].tolist(), seen)
+        keep = _new_positions(ids[0].tolist(), seen)
         rows.append(h[keep])
     ref = torch.cat(rows)
     assert x.shape == ref.shape and x.dtype == torch.float32

@@ -7,14 +7,14 @@ from importlib import metadata
 import pytest
 import torch
 
-from sails_fast.sails.artifacts import (
+from sails_fast.core.artifacts import (
     artifact_matches,
     artifact_paths,
     artifact_status,
     load_artifact,
     save_artifact,
 )
-from sails_fast.sails.config import SailsConfig
+from sails_fast.pipeline.config import SailsConfig
 
 KIND = "test.Thing"
 

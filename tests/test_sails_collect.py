@@ -9,10 +9,13 @@ import pytest
 import torch
 from tiny import tiny_llama, tiny_tokenizer
 
-from sails_fast.sae import SAEWeights
-from sails_fast.sae_stats import sae_feature_stats
-from sails_fast.sails import collect as C
-from sails_fast.sails.collect import CollectConfig, collect_feature_stats, generate_unaligned
+from sails_fast.fused.sae_stats import sae_feature_stats
+from sails_fast.pairs.config import CollectConfig
+from sails_fast.pairs.generation import generate_unaligned
+from sails_fast.pairs.tokenize import prompt_ids
+from sails_fast.sae.weights import SAEWeights
+from sails_fast.statistics import collect as C
+from sails_fast.statistics.collect import collect_feature_stats
 
 pytest.importorskip("transformers")
 
@@ -313,7 +316,7 @@ def test_generate_unaligned_caches_and_resumes(model, tok, tmp_path, monkeypatch
     fresh = generate_unaligned(model, tok, PROMPTS, cfg, tmp_path / "fresh.jsonl")
     assert len(fresh) == 4 and all(isinstance(t, str) for t in fresh)
     # greedy: equal to a single un-batched generate call
-    ids = C.prompt_ids(tok, PROMPTS[1], True)
+    ids = prompt_ids(tok, PROMPTS[1], True)
     out = model.generate(
         torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id
     )

@@ -4,17 +4,13 @@ import json
 
 import pytest
 
-from sails_fast.sails.collect import CollectConfig
-from sails_fast.sails.config import (
-    ALIGNED,
-    CLASS_NAMES,
-    UNALIGNED,
-    InitConfig,
-    SailsConfig,
-    SelectConfig,
-    SubspaceConfig,
-)
-from sails_fast.sails.train import TrainConfig
+from sails_fast.core.feature_stats import ALIGNED, CLASS_NAMES, UNALIGNED
+from sails_fast.lora_init.config import InitConfig
+from sails_fast.pairs.config import CollectConfig
+from sails_fast.pipeline.config import SailsConfig
+from sails_fast.selection.config import SelectConfig
+from sails_fast.subspace.config import SubspaceConfig
+from sails_fast.training.config import TrainConfig
 
 
 def test_class_convention():

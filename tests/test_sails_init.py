@@ -5,15 +5,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sails_fast.sails.config import InitConfig, SelectConfig, SubspaceConfig
-from sails_fast.sails.init import (
+from sails_fast.lora_init.config import InitConfig
+from sails_fast.lora_init.init import (
     choose_basis_layer,
     init_lora_from_subspace,
     make_lora_config,
     stream_position,
 )
-from sails_fast.sails.select import FeatureSelection, LayerSelection
-from sails_fast.sails.subspace import POOLED, build_subspace
+from sails_fast.selection.config import SelectConfig
+from sails_fast.selection.select import FeatureSelection, LayerSelection
+from sails_fast.subspace.config import SubspaceConfig
+from sails_fast.subspace.subspace import POOLED, build_subspace
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -275,9 +277,10 @@ def test_steps_4_to_6_on_collected_stats():
     # real stats from collect_feature_stats on a tiny model and random SAEs, then select -> subspace -> init
     from tiny import tiny_llama, tiny_tokenizer
 
-    from sails_fast.sae import SAEWeights
-    from sails_fast.sails.collect import CollectConfig, collect_feature_stats
-    from sails_fast.sails.select import select_features
+    from sails_fast.pairs.config import CollectConfig
+    from sails_fast.sae.weights import SAEWeights
+    from sails_fast.selection.select import select_features
+    from sails_fast.statistics.collect import collect_feature_stats
 
     tok = tiny_tokenizer()
     model = tiny_llama(tokenizer=tok)

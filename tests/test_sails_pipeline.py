@@ -9,7 +9,9 @@ import torch
 from tiny import save_tiny
 
 from sails_fast.cli import main as cli_main
-from sails_fast.sails.pipeline import STEPS, RunConfig, run_pipeline, step_fingerprints
+from sails_fast.pipeline.config import RunConfig
+from sails_fast.pipeline.fingerprints import STEPS, step_fingerprints
+from sails_fast.pipeline.run import run_pipeline
 
 HARMFUL = [f"Explain how to steal item number {i} from a locked shop." for i in range(30)]
 

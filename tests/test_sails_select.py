@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sails_fast.sails.config import ALIGNED, UNALIGNED, SelectConfig
-from sails_fast.sails.select import FeatureSelection, feature_scores, select_features
-from sails_fast.stats import FeatureStats
+from sails_fast.core.feature_stats import ALIGNED, UNALIGNED, FeatureStats
+from sails_fast.selection.config import SelectConfig
+from sails_fast.selection.select import FeatureSelection, feature_scores, select_features
 
 # five features, five examples per class (weight 1 per example), so for Welch's t
 # s2 / n = var * n / (n - 1) / n = var / 4 and se = sqrt(var_a + var_u) / 2
@@ -98,7 +98,7 @@ def test_save_load(tmp_path):
 
 
 def test_load_wrong_kind(tmp_path):
-    from sails_fast.sails.artifacts import save_artifact
+    from sails_fast.core.artifacts import save_artifact
 
     save_artifact(tmp_path / "other", "sails_fast.Subspace", {"x": torch.zeros(1)}, config={})
     with pytest.raises(ValueError, match=r"other\.json.*expected 'sails_fast\.FeatureSelection'"):

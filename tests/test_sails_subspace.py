@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sails_fast.sails.config import SelectConfig, SubspaceConfig
-from sails_fast.sails.select import FeatureSelection, LayerSelection
-from sails_fast.sails.subspace import POOLED, Subspace, build_subspace, orthonormal_complement
+from sails_fast.selection.config import SelectConfig
+from sails_fast.selection.select import FeatureSelection, LayerSelection
+from sails_fast.subspace.config import SubspaceConfig
+from sails_fast.subspace.subspace import POOLED, Subspace, build_subspace, orthonormal_complement
 
 
 def _selection(ids_per_layer: dict[int, list[int]], num_features: int) -> FeatureSelection:

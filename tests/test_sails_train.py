@@ -16,8 +16,11 @@ import pytest
 import torch
 from tiny import save_tiny, tiny_llama, tiny_tokenizer
 
-from sails_fast.sails.collect import tokenize_example
-from sails_fast.sails.train import TrainConfig, load_base_4bit, lr_factor, response_loss, sft_batch, train
+from sails_fast.models.loading import load_base_4bit
+from sails_fast.pairs.tokenize import tokenize_example
+from sails_fast.training.config import TrainConfig, lr_factor
+from sails_fast.training.loop import train
+from sails_fast.training.sft import response_loss, sft_batch
 
 peft = pytest.importorskip("peft")
 # peft 0.21 reads transformers' deprecated is_gradient_checkpointing alias on every get_peft_model
@@ -215,7 +218,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import torch, peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from sails_fast.sails.train import TrainConfig, train
+    from sails_fast.training import TrainConfig, train
     from test_sails_train import EXAMPLES, TARGETS
 
     torch.set_num_threads(1)
@@ -328,7 +331,7 @@ def test_fuse_report_logged_not_fatal(tok, tmp_path, caplog):
     model = peft.get_peft_model(
         base, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS)
     )
-    with caplog.at_level("WARNING", logger="sails_fast.sails.train"):
+    with caplog.at_level("WARNING", logger="sails_fast.training.loop"):
         res = train(model, tok, EXAMPLES, quiet(max_steps=1, fused=True, backend="torch"), tmp_path)
     assert "DoRA" in res.fuse_report and "fuse_lora left 8 LoRA layer(s)" in caplog.text
     assert json.loads((tmp_path / "fuse_report.json").read_text())["fused"] == []

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from sails_fast import lora_linear, roofline, strategy
+from sails_fast import lora_linear
+from sails_fast.fused import roofline, strategy
 from sails_fast.kernels import _triton
 
 

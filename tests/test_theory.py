@@ -1,4 +1,4 @@
-"""The identification theorem on synthetic data (sails_fast.theory), at fixed seeds.
+"""The identification theorem on synthetic data (sails_fast.study.theory), at fixed seeds.
 
 Each assertion is a statement derived in docs/theory.md; each tolerance says where its size comes from.
 Everything is float64 on CPU and deterministic under the seeds used here.
@@ -12,25 +12,26 @@ import statistics
 import pytest
 import torch
 
-from sails_fast.theory import (
-    METHODS,
-    PairedData,
-    TheoryConfig,
+from sails_fast.study.theory import summarize, sweep
+from sails_fast.study.theory_estimators import (
     complete_basis,
     diff_of_means_direction,
     estimate_direct,
     estimate_sae,
-    make_problem,
     pca_floor_bound,
     pca_of_differences,
     population_errors,
     population_moments,
     projector_distance,
     sae_subspace,
-    sample_pairs,
     subspace_from_directions,
-    summarize,
-    sweep,
+)
+from sails_fast.study.theory_problem import (
+    METHODS,
+    PairedData,
+    TheoryConfig,
+    make_problem,
+    sample_pairs,
     with_polysemanticity,
 )
 

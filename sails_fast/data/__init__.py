@@ -9,6 +9,8 @@ Example:
     >>> from sails_fast.data import load_prompt_set, split_records, build_refusal_pairs
     >>> splits = split_records(load_prompt_set("advbench"), seed=0)  # doctest: +SKIP
     >>> pairs = build_refusal_pairs(splits.train, seed=0)  # doctest: +SKIP
+
+May import: nothing from sails_fast (the lowest data layer).
 """
 
 from __future__ import annotations

@@ -231,34 +231,7 @@ def load_preference_pairs(
             else:
                 pairs.append(pair)
             continue
-        prompt = _str_field(row, prompt_field, loc, "prompt")
-        history: tuple = ()
-        if _is_transcript(prompt):
-            turns = _parse_at(prompt, loc, prompt_field)
-            # a prompt transcript ends with an open "Assistant:" turn awaiting the response
-            if turns[-1] == ("assistant", ""):
-                turns = turns[:-1]
-            if turns[-1][0] != "user":
-                raise ValueError(
-                    f"{loc}: the prompt transcript in {prompt_field!r} should end with a Human turn"
-                )
-            prompt, history = turns[-1][1], tuple(turns[:-1])
-        chosen = _str_field(row, chosen_field, loc, "chosen response")
-        rejected = _str_field(row, rejected_field, loc, "rejected response") if rejected_field else None
-        pairs.append(
-            _make_pair(
-                loc,
-                prompt=prompt.strip(),
-                aligned=chosen.strip(),
-                unaligned=None if rejected is None else rejected.strip(),
-                source=name,
-                prompt_id=pid,
-                category=cat,
-                history=history,
-                aligned_from="chosen",
-                unaligned_from=None if rejected is None else "rejected",
-            )
-        )
+        pairs.append(_pair_from_columns(row, prompt_field, chosen_field, rejected_field, loc, name, pid, cat))
     if skipped:
         warnings.warn(
             f"{name}: skipped {len(skipped)} of {len(rows)} HH-RLHF rows whose chosen and rejected "
@@ -268,6 +241,36 @@ def load_preference_pairs(
     if not pairs:
         raise ValueError(f"source: no usable pairs in {name!r} ({len(skipped)} rows skipped)")
     return pairs
+
+
+def _pair_from_columns(
+    row: dict, prompt_field: str, chosen_field: str, rejected_field: str | None, loc: str, name: str, pid, cat
+) -> ContrastivePair:
+    """A pair from prompt / chosen / rejected columns; a prompt that is an HH transcript gives its history."""
+    prompt = _str_field(row, prompt_field, loc, "prompt")
+    history: tuple = ()
+    if _is_transcript(prompt):
+        turns = _parse_at(prompt, loc, prompt_field)
+        # a prompt transcript ends with an open "Assistant:" turn awaiting the response
+        if turns[-1] == ("assistant", ""):
+            turns = turns[:-1]
+        if turns[-1][0] != "user":
+            raise ValueError(f"{loc}: the prompt transcript in {prompt_field!r} should end with a Human turn")
+        prompt, history = turns[-1][1], tuple(turns[:-1])
+    chosen = _str_field(row, chosen_field, loc, "chosen response")
+    rejected = _str_field(row, rejected_field, loc, "rejected response") if rejected_field else None
+    return _make_pair(
+        loc,
+        prompt=prompt.strip(),
+        aligned=chosen.strip(),
+        unaligned=None if rejected is None else rejected.strip(),
+        source=name,
+        prompt_id=pid,
+        category=cat,
+        history=history,
+        aligned_from="chosen",
+        unaligned_from=None if rejected is None else "rejected",
+    )
 
 
 def _make_pair(loc: str, **kwargs: Any) -> ContrastivePair:

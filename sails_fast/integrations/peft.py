@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sails_fast.integrations.peft_layers import adapter_tensors, common_reason_not_fusable
+
 # in a fused layer's __dict__: the options it was fused with ({"backend": ..., "strategy": ...})
 _FUSED = "_sails_fast_fused"
 
@@ -63,38 +65,6 @@ def register_fuser(
     _FUSERS.insert(0, _Fuser(layer_type, reason_not_fusable, call))
 
 
-def common_reason_not_fusable(module: nn.Module) -> str | None:
-    """State that no fused path handles, whatever the base layer."""
-    active = list(module.active_adapters)
-    if len(active) != 1:
-        return f"{len(active)} active adapters (the fused path handles exactly one)"
-    name = active[0]
-    if name not in module.lora_A:
-        return f"active adapter {name!r} has no LoRA weights in this layer"
-    if module.disable_adapters:
-        return "adapters are disabled"
-    if module.merged:
-        return "the adapter is merged into the base weight"
-    if module.use_dora.get(name, False):
-        return "DoRA (weight-decomposed LoRA) is not fused"
-    if name in getattr(module, "lora_variant", {}):
-        return f"LoRA variant {type(module.lora_variant[name]).__name__} is not fused"
-    if module.lora_bias.get(name, False):
-        return "lora_bias=True is not fused"
-    dropout = module.lora_dropout[name]
-    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-        return f"dropout module {type(dropout).__name__} is not nn.Dropout"
-    return None
-
-
-def adapter_tensors(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(lora_A [r, in], lora_B [out, r], scaling, dropout_p for this call) of the single active adapter."""
-    name = module.active_adapters[0]
-    dropout = module.lora_dropout[name]
-    p = dropout.p if (isinstance(dropout, nn.Dropout) and dropout.training) else 0.0
-    return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]), float(p)
-
-
 def _linear_reason(module: nn.Module) -> str | None:
     reason = common_reason_not_fusable(module)
     if reason:
@@ -108,7 +78,7 @@ def _linear_reason(module: nn.Module) -> str | None:
 
 
 def _linear_call(module: nn.Module, x: torch.Tensor, backend: str, strategy: str) -> torch.Tensor:
-    from ..lora import lora_linear
+    from sails_fast.fused.lora import lora_linear
 
     base = module.get_base_layer()
     lora_A, lora_B, scaling, p = adapter_tensors(module, x)
@@ -134,9 +104,11 @@ def _register_builtin() -> None:
 
     # PEFT's lora.bnb.Linear4bit (QLoRA): only where bitsandbytes is installed
     if importlib.util.find_spec("bitsandbytes") is not None:
-        from . import bnb
+        from sails_fast.integrations.bnb import linear4bit_fuser
 
-        bnb.register()
+        fuser = linear4bit_fuser()
+        if fuser is not None and not any(f.layer_type is fuser[0] for f in _FUSERS):
+            register_fuser(*fuser)
 
 
 def _find_fuser(module: nn.Module) -> _Fuser | None:
@@ -165,8 +137,8 @@ def fuse_lora(model: nn.Module, *, backend: str = "auto", strategy: str = "auto"
     """
     from peft.tuners.lora.layer import LoraLayer
 
-    from .._backend import BACKENDS
-    from ..strategy import STRATEGIES
+    from sails_fast.fused.backend import BACKENDS
+    from sails_fast.fused.strategy import STRATEGIES
 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module (a PEFT model), got {type(model).__name__}")

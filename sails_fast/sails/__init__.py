@@ -1,50 +1,36 @@
-"""The SAILS pipeline: config, artifacts, feature selection, subspace and LoRA init (steps 4-6).
+"""Deprecated: moved to `sails_fast.pipeline.run`; names forward to their new homes."""
 
-Steps 3 (`collect_feature_stats`) and 7 (`sails_fast.sails.train.train`) live in `collect.py` and
-`train.py`; their configs are re-exported here.
-"""
+from sails_fast._deprecated import alias
 
-from .artifacts import artifact_matches, artifact_status, load_artifact, save_artifact
-from .collect import CollectConfig, collect_feature_stats
-from .config import (
-    ALIGNED,
-    CLASS_NAMES,
-    UNALIGNED,
-    InitConfig,
-    SailsConfig,
-    SelectConfig,
-    SubspaceConfig,
+__getattr__ = alias(
+    __name__,
+    {
+        "ALIGNED": "sails_fast.core.feature_stats",
+        "CLASS_NAMES": "sails_fast.core.feature_stats",
+        "CollectConfig": "sails_fast.pairs.config",
+        "FeatureSelection": "sails_fast.selection.select",
+        "InitConfig": "sails_fast.lora_init.config",
+        "InitReport": "sails_fast.lora_init.init",
+        "LayerSelection": "sails_fast.selection.select",
+        "POOLED": "sails_fast.subspace.subspace",
+        "SailsConfig": "sails_fast.pipeline.config",
+        "SelectConfig": "sails_fast.selection.config",
+        "Subspace": "sails_fast.subspace.subspace",
+        "SubspaceBasis": "sails_fast.subspace.subspace",
+        "SubspaceConfig": "sails_fast.subspace.config",
+        "TrainConfig": "sails_fast.training.config",
+        "UNALIGNED": "sails_fast.core.feature_stats",
+        "artifact_matches": "sails_fast.core.artifacts",
+        "artifact_status": "sails_fast.core.artifacts",
+        "build_subspace": "sails_fast.subspace.subspace",
+        "choose_basis_layer": "sails_fast.lora_init.init",
+        "collect_feature_stats": "sails_fast.statistics.collect",
+        "feature_scores": "sails_fast.selection.select",
+        "init_lora_from_subspace": "sails_fast.lora_init.init",
+        "load_artifact": "sails_fast.core.artifacts",
+        "make_lora_config": "sails_fast.lora_init.init",
+        "save_artifact": "sails_fast.core.artifacts",
+        "select_features": "sails_fast.selection.select",
+    },
+    "sails_fast.pipeline.run",
 )
-from .init import InitReport, choose_basis_layer, init_lora_from_subspace, make_lora_config
-from .select import FeatureSelection, LayerSelection, feature_scores, select_features
-from .subspace import POOLED, Subspace, SubspaceBasis, build_subspace
-from .train import TrainConfig
-
-__all__ = [
-    "ALIGNED",
-    "CLASS_NAMES",
-    "CollectConfig",
-    "POOLED",
-    "UNALIGNED",
-    "FeatureSelection",
-    "InitConfig",
-    "InitReport",
-    "LayerSelection",
-    "SailsConfig",
-    "SelectConfig",
-    "Subspace",
-    "SubspaceBasis",
-    "SubspaceConfig",
-    "TrainConfig",
-    "artifact_matches",
-    "artifact_status",
-    "build_subspace",
-    "choose_basis_layer",
-    "collect_feature_stats",
-    "feature_scores",
-    "init_lora_from_subspace",
-    "load_artifact",
-    "make_lora_config",
-    "save_artifact",
-    "select_features",
-]

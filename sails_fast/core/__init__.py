@@ -1,0 +1,6 @@
+"""Foundations every layer may use: validated config dataclasses (`config`), safetensors + JSON artifacts with
+verified checksums (`artifacts`), the per-class `FeatureStats` accumulators and the class convention
+(`feature_stats`), content digests of input files and folders (`digests`), cache paths and the version.
+
+May import: nothing from sails_fast (torch, safetensors and the standard library only).
+"""
