@@ -9,7 +9,7 @@ from tiny import CORPUS, tiny_llama, tiny_tokenizer
 
 from sails_fast.models.embedded import is_complete, read_build_info
 from sails_fast.sae.weights import SAEWeights, load_sae
-from sails_fast.sae_training import training as sae_training
+from sails_fast.sae_training import embedded as sae_embedded
 from sails_fast.sae_training.activations import _new_positions, collect_residual_activations
 from sails_fast.sae_training.embedded import default_sae_texts, embedded_sae
 from sails_fast.sae_training.training import SAETrainingConfig, fit_sae, sae_metrics, select_texts, train_sae
@@ -249,7 +249,7 @@ def test_embedded_sae_trains_once_then_loads(model, tok, texts, tmp_path, monkey
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(sae_training, "train_sae", no_training)
+    monkeypatch.setattr(sae_embedded, "train_sae", no_training)  # embedded_sae looks it up there
     again = embedded_sae(2, tmp_path, texts, cfg, model=model, tokenizer=tok, verbose=False)
     assert again.path == first.path and again.metrics == first.metrics
     assert torch.equal(again.weights.W_enc, first.weights.W_enc)

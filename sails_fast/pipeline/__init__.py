@@ -7,3 +7,9 @@ May import: the pipeline steps (sails_fast.pairs, sails_fast.statistics, sails_f
 sails_fast.subspace, sails_fast.lora_init, sails_fast.training, sails_fast.evaluation, sails_fast.report),
 sails_fast.sae_training, sails_fast.sae, sails_fast.models, sails_fast.data, sails_fast.core.
 """
+
+from sails_fast.pipeline.config import RunConfig
+from sails_fast.pipeline.fingerprints import STEPS
+from sails_fast.pipeline.run import RunResult, run_pipeline
+
+__all__ = ["STEPS", "RunConfig", "RunResult", "run_pipeline"]
