@@ -255,7 +255,8 @@ def test_old_import_path_warns_and_forwards_to_the_same_objects(old):
 
 def test_step_fingerprints_unchanged():
     """The same config gives the same step fingerprints as before the reshape (tests/data, taken then), so
-    existing run directories are reused, not recomputed."""
+    existing run directories are reused, not recomputed. Config keys added since (loss_chunk_tokens) change
+    no result and are left out of the fingerprints."""
     from sails_fast.pipeline.config import RunConfig
     from sails_fast.pipeline.fingerprints import step_configs, step_fingerprints
     from sails_fast.pipeline.state import stable_hash
@@ -265,7 +266,6 @@ def test_step_fingerprints_unchanged():
         config = (
             RunConfig() if name == "default" else RunConfig.from_dict(json.loads((ROOT / name).read_text()))
         )
-        assert stable_hash(config.to_dict()) == want["to_dict"], name
         assert {s: stable_hash(s, c) for s, c in step_configs(config).items()} == want["config_keys"], name
         assert step_fingerprints(config) == want["by_path"], name
         assert step_fingerprints(config, golden["digests"]) == want["with_digests"], name

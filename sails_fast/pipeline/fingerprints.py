@@ -50,8 +50,9 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# config keys that change no result: progress bars, backends, batch sizes, resume
-_RESULT_FREE = {"progress", "backend", "batch_size", "judge_batch_size", "resume"}
+# config keys that change no result beyond rounding: progress bars, backends, batch sizes, resume, the
+# loss chunk (summation order)
+_RESULT_FREE = {"progress", "backend", "batch_size", "judge_batch_size", "resume", "loss_chunk_tokens"}
 
 
 def _own(section: dict, prefix: str, keys: tuple[str, ...] | None = None) -> dict[str, Any]:

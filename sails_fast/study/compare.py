@@ -60,7 +60,7 @@ def all_seeds(config: CompareConfig) -> list[int]:
 def record_fingerprint(spec: MethodSpec, seed: int, config: CompareConfig) -> str:
     """What a (method, seed) result depends on: its spec, the seed, the run and the probe settings."""
     run = config.run.to_dict()
-    for key in ("progress", "resume", "backend"):
+    for key in ("progress", "resume", "backend", "loss_chunk_tokens"):  # change no result
         run["sails"]["train"].pop(key, None)
     run["eval"].pop("progress", None)
     probe = {

@@ -28,6 +28,9 @@ class TrainConfig(ConfigBase):
         chat_template: wrap prompts in the tokenizer's chat template.
         append_eos: end each response with EOS, so the model learns to stop.
         gradient_checkpointing: recompute activations in the backward (less memory, ~30 % slower).
+        loss_chunk_tokens: response tokens per logits chunk in the loss (`response_loss`), so the
+            [tokens x vocab] logits never exist whole (Gemma-2: 256000 words x 2048 tokens = 2.1 GB in
+            fp32); None: the model's full logits. Changes only the summation order of the loss.
         save_every: write a checkpoint every N optimizer steps (0: only the final adapter).
         keep_checkpoints: how many of the newest checkpoints to keep.
         log_every: log every N steps (the last step is always logged).
@@ -58,6 +61,7 @@ class TrainConfig(ConfigBase):
     chat_template: bool = True
     append_eos: bool = True
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int | None = 1024
     save_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -94,6 +98,8 @@ class TrainConfig(ConfigBase):
         positive_int("seed", 0)
         if self.max_steps is not None:
             positive_int("max_steps")
+        if self.loss_chunk_tokens is not None:
+            positive_int("loss_chunk_tokens")
         number("learning_rate", 0.0, 1.0, lo_open=True)
         number("warmup_ratio", 0.0, 1.0)
         number("min_lr_ratio", 0.0, 1.0)

@@ -293,7 +293,7 @@ def _optimizer_step(peft_model, micro, pad_id, device, params, config, optimizer
     step_loss = 0.0
     for mb in micro:
         batch = [t.to(device) for t in sft_batch(mb, pad_id)]
-        loss_sum, _ = response_loss(peft_model, *batch)
+        loss_sum, _ = response_loss(peft_model, *batch, chunk_tokens=config.loss_chunk_tokens)
         (loss_sum / n_tok).backward()
         step_loss += loss_sum.item()
     if config.max_grad_norm is not None:

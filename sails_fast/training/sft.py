@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ----- data
 
@@ -68,23 +69,72 @@ def sft_batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[to
     return input_ids, mask, labels
 
 
-def response_loss(model: nn.Module, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+# CausalLM classes whose forward is exactly: decoder -> lm_head (-> final logit soft-capping), so the
+# loss can be taken from the decoder's hidden states chunk by chunk; any other model keeps the plain path
+CHUNKABLE_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "starcoder2"}
+)
+
+
+def response_loss(
+    model: nn.Module, input_ids, attention_mask, labels, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the response tokens, and how many there are.
 
+    With `chunk_tokens` the [B, S, V] logits never exist: the decoder's hidden states at the n response
+    positions are multiplied by the output embedding `chunk_tokens` rows at a time, each chunk's logits
+    upcast, scored and freed, and recomputed in the backward (activation checkpointing per chunk). The
+    largest loss-side tensor is then [chunk_tokens, V] in fp32 instead of [B, S, V] (compute dtype) plus
+    [n, V] (fp32). Same value and gradients as the plain path up to summation order. Models whose forward
+    is not decoder -> lm_head (see CHUNKABLE_MODEL_TYPES) take the plain path.
+
     Args:
-        model: a causal LM returning `.logits` [B, S, V].
+        model: a causal LM returning `.logits` [B, S, V] (or a PEFT model around one).
         input_ids, attention_mask, labels: [B, S] from `sft_batch`.
+        chunk_tokens: response tokens per logits chunk; None: the model's full logits.
 
     Returns:
         (loss_sum, n_tokens): fp32 scalar with gradient, int. Position t predicts token t + 1, so a label at
         t + 1 is scored from the logits at t; prompt and padding positions (-100) are ignored.
 
     Example:
-        >>> loss_sum, n = response_loss(model, *sft_batch(encoded, pad_id)); (loss_sum / n).backward()
+        >>> loss_sum, n = response_loss(model, *sft_batch(encoded, pad_id), chunk_tokens=1024)
+        >>> (loss_sum / n).backward()
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     target = labels[:, 1:]
     keep = target != -100
-    # only the response positions are upcast and scored: [n_tokens, V], not [B, S, V], in fp32
-    loss = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chunk_tokens is None or not chunkable(base):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        # only the response positions are upcast and scored: [n_tokens, V], not [B, S, V], in fp32
+        loss = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+        return loss, int(keep.sum())
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h, t = hidden.last_hidden_state[:, :-1][keep], target[keep]  # [n, d], [n]
+    head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+    loss = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_tokens):
+        args = (h[s : s + chunk_tokens], t[s : s + chunk_tokens], head, cap)
+        if torch.is_grad_enabled():
+            loss = loss + checkpoint(_chunk_loss, *args, use_reentrant=False)
+        else:
+            loss = loss + _chunk_loss(*args)
     return loss, int(keep.sum())
+
+
+def chunkable(model: nn.Module) -> bool:
+    """Whether `response_loss` can take `model`'s loss in chunks (its forward is decoder -> lm_head)."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) in CHUNKABLE_MODEL_TYPES
+        and callable(getattr(model, "get_decoder", None))
+        and callable(getattr(model, "get_output_embeddings", None))
+        and model.get_output_embeddings() is not None
+    )
+
+
+def _chunk_loss(h: torch.Tensor, target: torch.Tensor, head: nn.Module, cap: float | None) -> torch.Tensor:
+    logits = head(h).float()  # [chunk, V]
+    if cap is not None:  # Gemma-2's final logit soft-capping, as its forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, target, reduction="sum")
