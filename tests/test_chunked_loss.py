@@ -55,7 +55,7 @@ def loss_and_grads(model, batch, chunk_tokens):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-@pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 4096, "auto"])
 @pytest.mark.parametrize("wrap", ["peft", "plain"])
 def test_chunked_loss_and_gradients_equal_the_plain_loss(arch, chunk_tokens, wrap):
     tok = tiny_tokenizer()
@@ -137,8 +137,16 @@ def test_models_whose_forward_is_not_decoder_then_head_take_the_plain_path():
 
 
 def test_train_config_loss_chunk_tokens():
-    assert TrainConfig().loss_chunk_tokens == 1024
+    from sails_fast.training.sft import auto_chunk_tokens
+
+    assert TrainConfig().loss_chunk_tokens == "auto"
+    assert (
+        auto_chunk_tokens(256000) == 262
+        and auto_chunk_tokens(49152) == 1365
+        and auto_chunk_tokens(10**9) == 64
+    )
+    assert TrainConfig(loss_chunk_tokens=8).loss_chunk_tokens == 8
     assert TrainConfig(loss_chunk_tokens=None).loss_chunk_tokens is None
-    for bad in (0, -1, 2.5, True):
+    for bad in (0, -1, 2.5, True, "fast"):
         with pytest.raises(ValueError, match="loss_chunk_tokens"):
             TrainConfig(loss_chunk_tokens=bad)

@@ -52,7 +52,7 @@ def response_perplexity(
     try:
         for i in range(0, len(encoded), batch_size):
             batch = [t.to(device) for t in sft_batch(encoded[i : i + batch_size], pad_id)]
-            loss, n = response_loss(model, *batch, chunk_tokens=1024)  # never the full logits
+            loss, n = response_loss(model, *batch, chunk_tokens="auto")  # never the full logits
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)

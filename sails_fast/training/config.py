@@ -30,7 +30,8 @@ class TrainConfig(ConfigBase):
         gradient_checkpointing: recompute activations in the backward (less memory, ~30 % slower).
         loss_chunk_tokens: response tokens per logits chunk in the loss (`response_loss`), so the
             [tokens x vocab] logits never exist whole (Gemma-2: 256000 words x 2048 tokens = 2.1 GB in
-            fp32); None: the model's full logits. Changes only the summation order of the loss.
+            fp32); "auto" (default): 256 MiB of fp32 logits per chunk (256 tokens for Gemma-2); None: the
+            model's full logits. Changes only the summation order of the loss.
         save_every: write a checkpoint every N optimizer steps (0: only the final adapter).
         keep_checkpoints: how many of the newest checkpoints to keep.
         log_every: log every N steps (the last step is always logged).
@@ -61,7 +62,7 @@ class TrainConfig(ConfigBase):
     chat_template: bool = True
     append_eos: bool = True
     gradient_checkpointing: bool = False
-    loss_chunk_tokens: int | None = 1024
+    loss_chunk_tokens: int | Literal["auto"] | None = "auto"
     save_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -98,7 +99,7 @@ class TrainConfig(ConfigBase):
         positive_int("seed", 0)
         if self.max_steps is not None:
             positive_int("max_steps")
-        if self.loss_chunk_tokens is not None:
+        if self.loss_chunk_tokens not in (None, "auto"):
             positive_int("loss_chunk_tokens")
         number("learning_rate", 0.0, 1.0, lo_open=True)
         number("warmup_ratio", 0.0, 1.0)

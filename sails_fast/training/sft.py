@@ -76,8 +76,17 @@ CHUNKABLE_MODEL_TYPES = frozenset(
 )
 
 
+# "auto" loss chunks hold this many bytes of fp32 logits (256 tokens of Gemma-2's 256000-word vocabulary)
+AUTO_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_tokens(vocab: int) -> int:
+    """Response tokens per loss chunk for chunk_tokens="auto": AUTO_CHUNK_BYTES of fp32 logits, >= 64."""
+    return max(64, AUTO_CHUNK_BYTES // (4 * vocab))
+
+
 def response_loss(
-    model: nn.Module, input_ids, attention_mask, labels, chunk_tokens: int | None = None
+    model: nn.Module, input_ids, attention_mask, labels, chunk_tokens: int | str | None = None
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the response tokens, and how many there are.
 
@@ -91,7 +100,8 @@ def response_loss(
     Args:
         model: a causal LM returning `.logits` [B, S, V] (or a PEFT model around one).
         input_ids, attention_mask, labels: [B, S] from `sft_batch`.
-        chunk_tokens: response tokens per logits chunk; None: the model's full logits.
+        chunk_tokens: response tokens per logits chunk; "auto": `auto_chunk_tokens` of the vocabulary;
+            None: the model's full logits.
 
     Returns:
         (loss_sum, n_tokens): fp32 scalar with gradient, int. Position t predicts token t + 1, so a label at
@@ -112,6 +122,8 @@ def response_loss(
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     h, t = hidden.last_hidden_state[:, :-1][keep], target[keep]  # [n, d], [n]
     head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+    if chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(head.weight.shape[0])
     loss = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk_tokens):
         args = (h[s : s + chunk_tokens], t[s : s + chunk_tokens], head, cap)
