@@ -8,6 +8,7 @@
     sails-fast report runs/x                          write its HTML report
     sails-fast compare --config cmp.json --out runs/c SAILS vs baselines over seeds (CSV + plots)
     sails-fast compare --print-config                 the default comparison config, to edit
+    sails-fast plan --config my.json [--model PATH]   predicted peak memory of each step (16 / 24 GiB fits)
 
 `--model` takes a local folder or a hub id; `--sae` takes `[LAYER=]SPEC` where SPEC is a local SAELens
 directory or a SAELens "release/sae_id" (repeat it for several layers). Each command writes its resolved
@@ -189,12 +190,62 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="local judge model folder scoring each final evaluation (overrides judge)")
     p.add_argument("--print-config", action="store_true", help="print the default comparison config")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser(
+        "plan", help="predicted peak device memory of each step, and whether it fits 16 / 24 GiB"
+    )
+    p.add_argument("--config", help="JSON or YAML run config; defaults when omitted")
+    p.add_argument(
+        "--model", help="a folder holding the model's config.json (weights not needed), or a hub id"
+    )
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cuda adds context and allocator slack"
+    )
+    p.add_argument(
+        "--sae-latents", type=int, help="latents per SAE (default: from local SAE specs, else 8 x d)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="the plan as JSON (stats_peak_bytes, train_peak_bytes, ...)"
+    )
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M-Instruct (CPU: ~15 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer prompts and steps (a smoke run)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sails_fast.pipeline.memory import ModelShape, plan_memory
+
+    config = build_config(args)
+    shape = ModelShape.from_pretrained(_model_config_path(config.model.path))
+    plan = plan_memory(config, shape, device=args.device, sae_latents=args.sae_latents)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
+
+
+def _model_config_path(path: str) -> Path:
+    """Where the model's config.json is: the embedded model's, a local folder's, or the hub cache's."""
+    if path == "embedded":
+        from sails_fast.models.embedded import embedded_model_path
+
+        return embedded_model_path(verbose=False)
+    if Path(path).exists():
+        return Path(path)
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        raise ValueError(
+            f"--model: {path} does not exist (expected a folder holding the model's config.json)"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    raise ValueError(
+        f"--model: {path} is neither a local folder nor a hub id whose config.json is in the hub cache; "
+        "give --model PATH, a folder holding the model's config.json (weights are not needed)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
