@@ -170,3 +170,9 @@ def test_training_prediction_in_16_bit_with_and_without_chunks_and_checkpointing
     config.sails.train.gradient_checkpointing = checkpointing
     (row,) = memory_check.run_check(str(small_llama(tmp_path)), config, torch.device("cpu"), ("train",))
     assert 0.8 <= row["ratio"] <= 1.2, row
+
+
+def test_readme_memory_table_is_the_planners():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- table:memory -->\n", 1)[1].split("\n<!-- /table:memory -->", 1)[0]
+    assert block == memory_table.table()
