@@ -300,76 +300,105 @@ def plan_memory(
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
     c = DTYPE_BYTES[config.model.compute_dtype]
-    s, collect, train, ev = config.sails, config.sails.collect, config.sails.train, config.eval
-    full_weights = shape.params() * c
     # the 4-bit training base: packed linears; embedding, head and norms upcast to fp32 by PEFT's
     # prepare_model_for_kbit_training (or the compute dtype when the base is not quantised)
     if config.model.quantize == "nf4":
-        base_parts = {
+        base = {
             "base weights (NF4, double quant)": nf4_bytes(shape.linear_params()),
             "embedding, head, norms (fp32)": shape.other_params() * 4,
         }
     else:
-        base_parts = {f"base weights ({config.model.compute_dtype})": full_weights}
-    adapter = lora_params(shape, s.init.target_modules, s.subspace.rank)
+        base = {f"base weights ({config.model.compute_dtype})": shape.params() * c}
     # the residual stream of the training model: fp32 on the 4-bit base, whose embedding PEFT upcasts
     # (bitsandbytes layers return their input's dtype), else the compute dtype
     a = 4 if config.model.quantize == "nf4" else c
+    steps = {
+        "pairs": _pairs_plan(config, shape, device, c),
+        "stats": _stats_plan(config, shape, device, c, sae_latents),
+        "train": _train_plan(config, shape, device, c, a, base),
+        "eval": _eval_plan(config, shape, device, c, a, base),
+    }
+    return MemoryPlan(shape, device, steps)
 
-    pairs = StepPlan("pairs", {f"model weights ({config.model.compute_dtype})": full_weights}, device=device)
-    # prompts are cut to max_length tokens, then max_new_tokens are generated
-    pairs.parts.update(
-        _generation_bytes(shape, collect.batch_size, collect.max_length + collect.max_new_tokens, c)
+
+def _pairs_plan(config: RunConfig, shape: ModelShape, device: str, c: int) -> StepPlan:
+    collect = config.sails.collect
+    plan = StepPlan(
+        "pairs", {f"model weights ({config.model.compute_dtype})": shape.params() * c}, device=device
     )
+    # prompts are cut to max_length tokens, then max_new_tokens are generated
+    seq = collect.max_length + collect.max_new_tokens
+    plan.parts.update(_generation_bytes(shape, collect.batch_size, seq, c))
+    return plan
 
+
+def _stats_plan(
+    config: RunConfig, shape: ModelShape, device: str, c: int, sae_latents: int | None
+) -> StepPlan:
+    collect = config.sails.collect
     latents, sae_bytes, how = _sae_shapes(config, shape, sae_latents)
     n_sae = len(config.sae.layers)
-    stats = StepPlan("stats", {f"model weights ({config.model.compute_dtype})": full_weights}, device=device)
+    plan = StepPlan(
+        "stats", {f"model weights ({config.model.compute_dtype})": shape.params() * c}, device=device
+    )
     tokens = collect.batch_size * collect.max_length
-    stats.parts["activations (forward, one block)"] = (
+    plan.parts["activations (forward, one block)"] = (
         tokens * c * (4 * shape.hidden + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate)
     )
-    stats.parts["SAE weights"] = n_sae * sae_bytes * (2 * shape.hidden * latents + 2 * latents + shape.hidden)
+    plan.parts["SAE weights"] = n_sae * sae_bytes * (2 * shape.hidden * latents + 2 * latents + shape.hidden)
     # per class and latent: sum, sum of squares (fp32), active count (int64), max (fp32), argmax (int64)
-    stats.parts["FeatureStats"] = n_sae * 2 * latents * (4 + 4 + 8 + 4 + 8)
+    plan.parts["FeatureStats"] = n_sae * 2 * latents * (4 + 4 + 8 + 4 + 8)
     # a batch holds both sides of its pairs: one class's rows are half its tokens
-    stats.parts["SAE statistics scratch"] = min(STATS_SCRATCH_CAP[device], tokens * latents * 4)
-    stats.notes.append(f"SAE: {how}; the forward stops after the deepest SAE layer (no logits)")
+    plan.parts["SAE statistics scratch"] = min(STATS_SCRATCH_CAP[device], tokens * latents * 4)
+    plan.notes.append(f"SAE: {how}; the forward stops after the deepest SAE layer (no logits)")
+    return plan
 
+
+def _train_plan(
+    config: RunConfig, shape: ModelShape, device: str, c: int, a: int, base: dict[str, int]
+) -> StepPlan:
+    s, train = config.sails, config.sails.train
     tokens = train.batch_size * train.max_length
-    tr = StepPlan("train", dict(base_parts), device=device)
-    tr.parts["adapters + grads + AdamW (fp32)"] = adapter * 4 * 4
+    plan = StepPlan("train", dict(base), device=device)
+    plan.parts["adapters + grads + AdamW (fp32)"] = (
+        lora_params(shape, s.init.target_modules, s.subspace.rank) * 16
+    )
     loss, how_loss = _loss_bytes(shape, tokens, a, train.loss_chunk_tokens)
     targets, rank = s.init.target_modules, s.subspace.rank
     saved, grads = _layer_activation_bytes(shape, train.batch_size, train.max_length, a, c, targets, rank)
-    layer = saved + grads
     if train.gradient_checkpointing:
-        tr.parts["checkpointed block inputs"] = shape.layers * tokens * shape.hidden * a
+        plan.parts["checkpointed block inputs"] = shape.layers * tokens * shape.hidden * a
         # the loss's buffers are freed before the last block's recomputation starts: the larger counts
-        tr.parts["logits + loss, or a recomputed block"] = max(loss, layer)
-        tr.notes.append(
+        plan.parts["logits + loss, or a recomputed block"] = max(loss, saved + grads)
+        plan.notes.append(
             f"logits and loss {loss / GiB:.3f} GiB, one block's recomputed activations "
-            f"{layer / GiB:.3f} GiB: never at once, the larger is counted"
+            f"{(saved + grads) / GiB:.3f} GiB: never at once, the larger is counted"
         )
     else:
-        tr.parts["activations (every block)"] = shape.layers * saved
+        plan.parts["activations (every block)"] = shape.layers * saved
         # the loss's buffers, then (once they are freed) a block's gradients: the larger counts
-        tr.parts["logits + loss, or a block's gradients"] = max(loss, grads)
-    # the dequantised weight of the largest 4-bit linear, alive during its matmul
-    if config.model.quantize == "nf4":
-        tr.parts["dequantised weight (largest linear)"] = (
-            max(a * b for a, b in shape.linear_shapes().values()) * c
-        )
-    tr.notes.append(
+        plan.parts["logits + loss, or a block's gradients"] = max(loss, grads)
+    if config.model.quantize == "nf4":  # the largest linear's dequantised weight, alive during its matmul
+        largest = max(n_in * n_out for n_in, n_out in shape.linear_shapes().values())
+        plan.parts["dequantised weight (largest linear)"] = largest * c
+    plan.notes.append(
         f"loss: {how_loss}; {train.batch_size} x {train.max_length} tokens, all counted as response"
     )
+    if a != c:
+        plan.notes.append("activations fp32: PEFT's prepare_model_for_kbit_training upcasts the embedding")
+    return plan
 
-    evl = StepPlan("eval", dict(base_parts), device=device)
-    evl.parts["adapters (fp32)"] = adapter * 4
-    evl.parts.update(_generation_bytes(shape, ev.batch_size, ev.max_prompt_tokens + ev.max_new_tokens, a))
+
+def _eval_plan(
+    config: RunConfig, shape: ModelShape, device: str, c: int, a: int, base: dict[str, int]
+) -> StepPlan:
+    ev, s = config.eval, config.sails
+    plan = StepPlan("eval", dict(base), device=device)
+    plan.parts["adapters (fp32)"] = lora_params(shape, s.init.target_modules, s.subspace.rank) * 4
+    plan.parts.update(_generation_bytes(shape, ev.batch_size, ev.max_prompt_tokens + ev.max_new_tokens, a))
     if ev.bases == "both":
-        evl.parts[f"full-precision base ({config.model.compute_dtype})"] = full_weights
-        evl.notes.append(
+        plan.parts[f"full-precision base ({config.model.compute_dtype})"] = shape.params() * c
+        plan.notes.append(
             'eval.bases "both": the full-precision base is counted as resident beside the 4-bit one'
         )
-    return MemoryPlan(shape, device, {"pairs": pairs, "stats": stats, "train": tr, "eval": evl})
+    return plan
