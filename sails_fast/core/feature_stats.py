@@ -2,6 +2,9 @@
 
 Only [classes x latents] accumulators are kept, never a [tokens x latents] matrix. They are filled by
 `sails_fast.sae_feature_stats` (streaming, batch after batch) and read by feature selection.
+
+Class convention for every [C, F] statistic in the pipeline: row `ALIGNED` (0) is the aligned data
+(harmful prompt + refusal), row `UNALIGNED` (1) the unaligned data (harmful prompt + compliance).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Validated configuration for the SAILS pipeline steps (select, subspace, init).
+"""The run's configuration: `RunConfig` and its sections, `model` (ModelConfig), `sae` (SAEConfig),
+`data` (DataConfig), `sails` (SailsConfig: the method's steps, collect / select / subspace / init / train,
+each step's config living with its step) and `eval` (EvalConfig).
 
-Every choice the paper leaves open is a field here (../shared/METHOD.md). Each dataclass validates itself in
+Every choice the paper leaves open is a field (../shared/METHOD.md). Each dataclass validates itself in
 `__post_init__` (ValueError naming the field and the allowed values), round-trips through plain dicts with
-`to_dict` / `from_dict` (unknown keys rejected) and through JSON files with `save` / `load`.
-
-Class convention for every [C, F] statistic in the pipeline: row `ALIGNED` (0) is the aligned data
-(harmful prompt + refusal), row `UNALIGNED` (1) the unaligned data (harmful prompt + compliance).
+`to_dict` / `from_dict` (unknown keys rejected) and through JSON or YAML files with `save` / `load`.
 
 Layer convention: an SAE "layer l" reads the residual stream after decoder block l (HF
-`output_hidden_states[l + 1]`, SAELens `blocks.l.hook_resid_post`).
+`output_hidden_states[l + 1]`, SAELens `blocks.l.hook_resid_post`). Class convention: see
+`sails_fast.core.feature_stats`.
 """
 
 from __future__ import annotations

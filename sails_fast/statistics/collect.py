@@ -3,12 +3,9 @@
 `collect_feature_stats` runs the frozen model over both sides of every pair (class 0 = aligned, class 1 =
 unaligned), hooks the residual stream at the SAE layers and folds each batch into per-layer FeatureStats
 with `sails_fast.sae_feature_stats`. Only [classes x latents] accumulators are kept, never anything per
-token, and the forward stops after the deepest hooked layer. `generate_unaligned` makes the unaligned side
-from the model's own greedy completions, generated once and cached to a JSONL file.
-
-Tokenisation is shared with training (`tokenize_example`): the prompt (through the chat template when
-asked) and the response are tokenised separately and concatenated, so the response tokens are known
-exactly and a merge across the boundary cannot blur them.
+token, and the forward stops after the deepest hooked layer. Examples are tokenised as training
+tokenises them (`sails_fast.pairs.tokenize.tokenize_example`); the unaligned side comes from
+`sails_fast.pairs.generation`.
 """
 
 from __future__ import annotations

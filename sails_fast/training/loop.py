@@ -7,9 +7,10 @@ checkpoint atomically (adapter weights, optimizer, scheduler, RNG states, step, 
 on the same `out_dir` after a kill and it continues the same run to the same final weights. The trained
 adapter is a standard PEFT checkpoint (`PeftModel.from_pretrained` loads it).
 
-`load_base_4bit` loads a base model in 4-bit NF4 through transformers' BitsAndBytesConfig and prepares it
-for k-bit training; with `TrainConfig.fused` the LoRA layers go through `sails_fast.integrations.peft.
-fuse_lora` (layers it cannot fuse keep PEFT's forward, and are listed in the log).
+The 4-bit base comes from `sails_fast.models.loading.load_base_4bit`; with `TrainConfig.fused` the LoRA
+layers go through `sails_fast.integrations.peft.fuse_lora` (layers it cannot fuse keep PEFT's forward,
+and are listed in the log). The loss is taken in chunks of response tokens (`TrainConfig.loss_chunk_tokens`,
+`sails_fast.training.sft.response_loss`).
 """
 
 from __future__ import annotations
