@@ -16,6 +16,10 @@ from pathlib import Path
 import torch
 
 FORMAT_VERSION = 1
+# the classes of every [C, F] statistic (see the module docstring)
+ALIGNED, UNALIGNED = 0, 1
+NUM_CLASSES = 2
+CLASS_NAMES = ("aligned", "unaligned")
 
 
 _SUM_FIELDS = ("weight_sum", "token_count", "act_sum", "act_sq_sum", "active_count")
@@ -213,15 +217,3 @@ class FeatureStats:
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return json.loads((f.metadata() or {}).get("header", "{}")).get("metadata", {})
-
-
-ALIGNED = 0
-
-
-UNALIGNED = 1
-
-
-NUM_CLASSES = 2
-
-
-CLASS_NAMES = ("aligned", "unaligned")

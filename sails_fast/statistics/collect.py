@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sails_fast.core.feature_stats import ALIGNED, UNALIGNED
 from sails_fast.models.hooks import StopForward, decoder_layers, hidden_size, model_device
 from sails_fast.pairs.config import CollectConfig
 from sails_fast.pairs.tokenize import pad_id, tokenize_example
-
-ALIGNED, UNALIGNED = 0, 1
 
 
 def _sae_feature_stats():
