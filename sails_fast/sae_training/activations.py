@@ -13,10 +13,6 @@ from torch import nn
 from sails_fast.models.hooks import StopForward, decoder_layers
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _check_int(name: str, v: Any, low: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,7 +32,6 @@ from sails_fast.sae.weights import SAEWeights
 from sails_fast.sae_training.activations import (
     _check_int,
     _check_texts,
-    _is_real,
     _tokenize,
     collect_residual_activations,
 )
@@ -48,6 +47,10 @@ ARTIFACT_VERSION = 1
 
 # default sparsity coefficient per architecture: l1 for standard, l0 for jumprelu (topk uses k)
 _DEFAULT_SPARSITY = {"standard": 5.0, "jumprelu": 2.0, "topk": 0.0}
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
