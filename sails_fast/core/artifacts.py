@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from sails_fast.core.digests import file_sha256
 
 FORMAT_VERSION = 1
 
@@ -104,14 +105,6 @@ def _canonical(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, sort_keys=True))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_artifact(
     path: str | Path,
     kind: str,
@@ -169,7 +162,7 @@ def save_artifact(
             "versions": library_versions(),
             "git_commit": git_commit(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tensors_sha256": _sha256(tensor_path),
+            "tensors_sha256": file_sha256(tensor_path),
         }
         tmp_sidecar.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         tmp_sidecar.replace(sidecar_path)
@@ -223,7 +216,7 @@ def load_artifact(path: str | Path, kind: str) -> Artifact:
     info = read_sidecar(path, kind)
     if not tensor_path.is_file():
         raise ValueError(f"path: the tensor file {tensor_path} of this artifact is missing")
-    if _sha256(tensor_path) != info.get("tensors_sha256"):
+    if file_sha256(tensor_path) != info.get("tensors_sha256"):
         raise ValueError(
             f"path: {tensor_path} does not match the checksum in its sidecar (damaged or replaced)"
         )

@@ -63,7 +63,7 @@ class _DigestCache:
             return hit
         stat = path.stat()
         key = str(path.resolve())
-        value = _sha256(path, bar)
+        value = file_sha256(path, bar)
         self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
         self.dirty = True
         return value
@@ -80,7 +80,8 @@ class _DigestCache:
             pass
 
 
-def _sha256(path: Path, bar=None) -> str:
+def file_sha256(path: Path, bar=None) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks (`bar`: a progress bar to advance)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

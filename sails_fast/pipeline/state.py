@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sails_fast.core.digests import file_sha256
+
 log = logging.getLogger(__name__)
 
 
@@ -36,14 +38,6 @@ STATE_FORMAT = 2
 def stable_hash(*parts: Any) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:
