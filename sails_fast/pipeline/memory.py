@@ -246,16 +246,17 @@ def _loss_bytes(shape: ModelShape, tokens: int, c: int, chunk: int | str | None)
     return 2 * k * V * 4, f"chunks of {k} tokens"
 
 
+def _forward_block_bytes(shape: ModelShape, tokens: int, c: int) -> int:
+    """One block's working set in a forward without autograd: hidden states, q/k/v, MLP intermediates."""
+    return tokens * c * (4 * shape.hidden + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate)
+
+
 def _generation_bytes(shape: ModelShape, batch: int, seq: int, c: int) -> dict[str, int]:
     """Greedy generation: the KV cache of every layer at full length, and the prefill's largest block
-    working set (hidden states, q/k/v, MLP intermediates) and last-position logits."""
-    d, i = shape.hidden, shape.intermediate
+    working set and last-position logits."""
     return {
         "KV cache": 2 * shape.layers * batch * seq * shape.kv_dim * c,
-        "activations (prefill, one block)": batch
-        * seq
-        * c
-        * (4 * d + shape.q_dim + 2 * shape.kv_dim + 3 * i),
+        "activations (prefill, one block)": _forward_block_bytes(shape, batch * seq, c),
         "logits (last position)": batch * shape.vocab * (c + 4),
     }
 
@@ -342,9 +343,7 @@ def _stats_plan(
         "stats", {f"model weights ({config.model.compute_dtype})": shape.params() * c}, device=device
     )
     tokens = collect.batch_size * collect.max_length
-    plan.parts["activations (forward, one block)"] = (
-        tokens * c * (4 * shape.hidden + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate)
-    )
+    plan.parts["activations (forward, one block)"] = _forward_block_bytes(shape, tokens, c)
     plan.parts["SAE weights"] = n_sae * sae_bytes * (2 * shape.hidden * latents + 2 * latents + shape.hidden)
     # per class and latent: sum, sum of squares (fp32), active count (int64), max (fp32), argmax (int64)
     plan.parts["FeatureStats"] = n_sae * 2 * latents * (4 + 4 + 8 + 4 + 8)
