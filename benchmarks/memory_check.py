@@ -123,6 +123,7 @@ def measure_train(model_path, tokenizer, config, device) -> dict[str, int]:
     from peft import LoraConfig, get_peft_model
 
     from sails_fast.models.loading import load_base_4bit
+    from sails_fast.training.data_parallel import StepLoss
     from sails_fast.training.loop import _optimizer, _optimizer_step
 
     train, init = config.sails.train, config.sails.init
@@ -147,8 +148,11 @@ def measure_train(model_path, tokenizer, config, device) -> dict[str, int]:
     ]
     resident = tensor_bytes(peft_model) + quant_state_bytes(peft_model)
 
+    step_loss = StepLoss(peft_model, train.loss_chunk_tokens)
+    n_tok = sum(len(ids) - n_prompt for ids, n_prompt in micro[0])
+
     def step():
-        _optimizer_step(peft_model, micro, 0, device, params, train, optimizer, scheduler)
+        _optimizer_step(step_loss, micro, n_tok, 0, device, params, train, optimizer, scheduler)
 
     return {"resident": resident, "step": measure_peak(step, device)}
 

@@ -13,6 +13,10 @@
 `--model` takes a local folder or a hub id; `--sae` takes `[LAYER=]SPEC` where SPEC is a local SAELens
 directory or a SAELens "release/sae_id" (repeat it for several layers). Each command writes its resolved
 config to `<out>/config.json`.
+
+Under torchrun / `accelerate launch` (WORLD_SIZE > 1) `run`, the step commands, `eval` and `compare` start
+a torch.distributed process group and split their work over the ranks (docs/distributed.md); errors are
+one line on every rank, prefixed with the rank.
 """
 
 from __future__ import annotations
@@ -102,10 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from sails_fast.core import distributed
     from sails_fast.report.html import report
 
-    path = report(Path(args.run_dir))
-    print(f"report: {path}")
+    path = distributed.on_main(lambda: report(Path(args.run_dir)))  # one writer
+    if distributed.is_main():
+        print(f"report: {path}")
     return 0
 
 
@@ -137,6 +143,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config = CompareConfig.from_dict({**config.to_dict(), "judge": args.judge})
     only = args.methods.split(",") if args.methods else None
     result = run_compare(config, args.out, results_dir=args.results, only=only)
+    from sails_fast.core import distributed
+
+    if not distributed.is_main():  # one summary, rank 0's
+        return 0
     print(format_summary(summarize(result.records)))
     for path in result.files:
         print(f"wrote {path}")
@@ -248,14 +258,37 @@ def _model_config_path(path: str) -> Path:
     )
 
 
+def _error_line(text: str) -> None:
+    # one write per line: ranks share the terminal, and a short write is not interleaved with another's
+    sys.stderr.write(text.replace("\n", " ") + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sails_fast.core import distributed
+
     args = make_parser().parse_args(argv)
     try:
+        distributed.init_from_env()
         return args.func(args)
-    except (ValueError, OSError) as err:
-        # a user's mistake (or a full disk) is one line, never a traceback
-        print(f"sails-fast: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, distributed.DistributedError) as err:
+        # a user's mistake (or a full disk) is one line, never a traceback; on every rank
+        where = f"[{distributed.describe()}] " if distributed.active() else ""
+        _error_line(f"sails-fast: error: {where}{err}")
         return 2
+    except RuntimeError as err:
+        if not distributed.active():
+            raise
+        # a collective that failed: another rank died, or waited past the timeout
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _error_line(
+            f"sails-fast: error: [{distributed.describe()}] a collective with the other ranks failed "
+            f"({first}); another rank stopped or hung (see its output; ${distributed.TIMEOUT_ENV} sets "
+            "the timeout)"
+        )
+        return 3
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -145,14 +145,16 @@ class FeatureStats:
 
     @torch.no_grad()
     def all_reduce(self) -> FeatureStats:
-        """Combine across torch.distributed ranks (rank order = stream order). No-op when not initialised.
+        """Combine across torch.distributed ranks (rank order = stream order). No-op in a single process.
 
         Sums are summed, maxima maxed; argmax indices are shifted by the tokens of lower ranks, and on a tie
         the lowest global index wins. In place; returns self.
         """
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        from sails_fast.core import distributed
+
+        if not distributed.active():  # no process group, or inside distributed.local_only()
             return self
         world = dist.get_world_size()
         seen = torch.tensor([self.tokens_seen], dtype=torch.int64, device=self.device)

@@ -153,6 +153,12 @@ def judge_responses(
                 bar.update(ids.shape[0])
     finally:
         model.train(was_training)
+    return judge_result(name, raw)
+
+
+def judge_result(name: str, raw: Sequence[str]) -> JudgeResult:
+    """The JudgeResult of the judge's replies `raw` (scores parsed, rates over the parsed ones)."""
+    raw = list(raw)
     scores = [parse_judge_score(t) for t in raw]
     got = [s for s in scores if s is not None]
     n_ok = len(got)

@@ -24,10 +24,15 @@ Metrics, each named with what produced it:
 - judge (optional, the paper's metric): a local causal LM given a 1-5 harmfulness rubric for each
   (harmful prompt, response); safe = score <= 2. Reported: safety rate and mean harm over the parsed
   scores, the share of 5s, and the number of replies that could not be parsed (never silently dropped).
+
+Under torch.distributed every rank calls `evaluate` with the same prompts: each rank generates, scores and
+judges a contiguous share of every set, and the per-prompt records are gathered in order, so every rank
+returns the same EvalResult as a single process would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -37,9 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sails_fast.core import distributed
 from sails_fast.evaluation.config import SETS, EvalConfig
 from sails_fast.evaluation.generation import _prompt_text, generate_responses
-from sails_fast.evaluation.judge import judge_responses
+from sails_fast.evaluation.judge import judge_responses, judge_result
 from sails_fast.evaluation.logit_score import logit_refusal_scores, opening_token_ids
 from sails_fast.evaluation.refusal import RefusalMatcher
 from sails_fast.evaluation.results import EvalResult, SetResult
@@ -108,34 +114,22 @@ def evaluate(
     try:
         openings = opening_token_ids(tokenizer, config) if config.logit_score else {}
         for name, prompts in given.items():
-            responses = generate_responses(model, tokenizer, prompts, config)
-            matches = [matcher.match(r) for r in responses]
-            scores = (
-                logit_refusal_scores(model, tokenizer, prompts, config).tolist()
-                if config.logit_score
-                else None
+            # this rank's share (all of it in a single process); the records come back in prompt order
+            records = distributed.gather_concat(
+                _records(model, tokenizer, distributed.shard(prompts), config, matcher)
             )
-            records = [
-                {
-                    "prompt": _prompt_text(p),
-                    "response": r,
-                    "refused": m is not None,
-                    "matched": None if m is None else m.text,
-                    "logit_score": None if scores is None else scores[i],
-                }
-                for i, (p, r, m) in enumerate(zip(prompts, responses, matches, strict=True))
-            ]
             n = len(records)
+            scores = [r["logit_score"] for r in records] if config.logit_score else None
             sets[name] = SetResult(
                 name=name,
                 n=n,
-                refusal_rate=sum(m is not None for m in matches) / n,
+                refusal_rate=sum(r["refused"] for r in records) / n,
                 logit_score_mean=None if scores is None else sum(scores) / n,
                 logit_refusal_share=None if scores is None else sum(s > 0 for s in scores) / n,
                 records=records,
             )
         if judge is not None:
-            judged = judge_responses(judge, harmful, [r["response"] for r in sets["harmful"].records], config)
+            judged = _judge(judge, harmful, [r["response"] for r in sets["harmful"].records], config)
     finally:
         model.train(was_training)
     meta = {
@@ -152,6 +146,40 @@ def evaluate(
         config=config.to_dict(),
         meta=meta,
     )
+
+
+def _records(model, tokenizer, prompts: Sequence, config: EvalConfig, matcher: RefusalMatcher) -> list[dict]:
+    """Per prompt: its response, whether the matcher calls it a refusal, and its logit refusal score."""
+    if len(prompts) == 0:  # a rank without a share of this set
+        return []
+    if not distributed.is_main():  # one progress bar: rank 0's
+        config = dataclasses.replace(config, progress=False)
+    responses = generate_responses(model, tokenizer, prompts, config)
+    matches = [matcher.match(r) for r in responses]
+    scores = logit_refusal_scores(model, tokenizer, prompts, config).tolist() if config.logit_score else None
+    return [
+        {
+            "prompt": _prompt_text(p),
+            "response": r,
+            "refused": m is not None,
+            "matched": None if m is None else m.text,
+            "logit_score": None if scores is None else scores[i],
+        }
+        for i, (p, r, m) in enumerate(zip(prompts, responses, matches, strict=True))
+    ]
+
+
+def _judge(judge, prompts: Sequence, responses: list[str], config: EvalConfig):
+    """`judge_responses`, each rank judging a share; the replies gathered and scored as one result."""
+    if not distributed.active():
+        return judge_responses(judge, prompts, responses, config)
+    start, stop = distributed.shard_bounds(len(prompts))
+    part = (
+        judge_responses(judge, prompts[start:stop], responses[start:stop], config) if stop > start else None
+    )
+    names = [p.judge for p in distributed.gather(part) if p is not None]
+    raw = distributed.gather_concat(part.raw if part is not None else [])
+    return judge_result(names[0], raw)
 
 
 def evaluate_before_after(

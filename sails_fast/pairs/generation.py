@@ -1,5 +1,11 @@
 """The unaligned side of the contrastive pairs: the model's own greedy completions, generated once and cached
-to a JSONL file keyed by prompt content and generation settings."""
+to a JSONL file keyed by prompt content and generation settings.
+
+Under torch.distributed every rank calls `generate_unaligned` with the same prompts: the prompts not yet
+cached are split over the ranks (`sails_fast.core.distributed.shard`), each rank appends to its own cache
+file (`<name>.rank<r>.jsonl` beside the cache), and the completions are gathered, so every rank returns
+all of them. A rerun reads the cache and every rank file, whatever world size wrote them.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sails_fast.core import distributed
 from sails_fast.models.hooks import model_device
 from sails_fast.pairs.config import CollectConfig
 from sails_fast.pairs.tokenize import pad_id, prompt_ids, prompt_messages
@@ -44,8 +51,21 @@ def _generation_settings(model: nn.Module, config: CollectConfig) -> dict:
     }
 
 
-def _read_cache(path: Path, settings: dict) -> dict[str, str]:
-    """Completed records of a cache file; a torn last line (a killed writer) is dropped and rewritten."""
+def rank_cache_files(path: Path) -> list[Path]:
+    """The per-rank cache files written beside `path` by a distributed run."""
+    return sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+
+
+def _rank_cache(path: Path) -> Path:
+    """Where this rank appends its completions: `path` itself in a single process."""
+    if not distributed.active():
+        return path
+    return path.with_name(f"{path.stem}.rank{distributed.rank()}{path.suffix}")
+
+
+def _read_cache(path: Path, settings: dict, repair: bool = True) -> dict[str, str]:
+    """Completed records of a cache file; a torn last line (a killed writer) is dropped, and rewritten when
+    `repair` (only the file's own writer repairs it)."""
     if not path.exists():
         return {}
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -75,7 +95,7 @@ def _read_cache(path: Path, settings: dict) -> dict[str, str]:
             )
         done[rec["hash"]] = rec["response"]
         good.append(line)
-    if torn:
+    if torn and repair:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(g + "\n" for g in good), encoding="utf-8")
         tmp.replace(path)
@@ -113,13 +133,17 @@ def generate_unaligned(
     path = Path(cache_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = _generation_settings(model, config)
-    done = _read_cache(path, settings)
+    own = _rank_cache(path)
+    done = {}
+    for file in [path, *rank_cache_files(path)]:
+        done.update(_read_cache(file, settings, repair=file == own))
     keys = [prompt_hash(p) for p in prompts]
     todo, seen = [], set()
     for key, prompt in zip(keys, prompts, strict=True):
         if key not in done and key not in seen:
             todo.append((key, prompt))
             seen.add(key)
+    todo_all, todo = todo, list(distributed.shard(todo))
 
     device = model_device(model)
     pad = pad_id(tokenizer)
@@ -128,7 +152,7 @@ def generate_unaligned(
     n_truncated = 0
     try:
         bar = tqdm(range(0, len(todo), config.batch_size), desc="unaligned completions", unit="batch",
-                   disable=not config.progress or not todo)  # fmt: skip
+                   disable=not config.progress or not todo or not distributed.is_main())  # fmt: skip
         for start in bar:
             chunk = todo[start : start + config.batch_size]
             encoded = []
@@ -149,7 +173,7 @@ def generate_unaligned(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
                 max_new_tokens=config.max_new_tokens, pad_token_id=pad,
             )  # fmt: skip
-            with path.open("a", encoding="utf-8") as f:
+            with own.open("a", encoding="utf-8") as f:
                 for (key, _), row in zip(chunk, out[:, S:].tolist(), strict=True):
                     text = tokenizer.decode(row, skip_special_tokens=True)
                     done[key] = text
@@ -159,6 +183,11 @@ def generate_unaligned(
                 os.fsync(f.fileno())
     finally:
         model.train(was_training)
+    if distributed.active() and todo_all:
+        # every rank returns every completion: its own and those the others generated
+        for part in distributed.gather({key: done[key] for key, _ in todo}):
+            done.update(part)
+        n_truncated = int(distributed.all_sum(n_truncated))
     if n_truncated:
         warnings.warn(
             f"max_length: {n_truncated} prompts are longer than {config.max_length} tokens and were "

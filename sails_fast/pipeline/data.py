@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sails_fast.core import distributed
 from sails_fast.data import normalize_text
 from sails_fast.pipeline.config import DataConfig
 
@@ -120,6 +121,8 @@ def write_retain(
     cache = out_dir / "retain_cache.jsonl" if cache is None else cache
     answers = generate_unaligned(model, tokenizer, texts, collect_config, cache) if texts else []
     rows = [{"prompt": p, "response": a} for p, a in zip(texts, answers, strict=True) if a.strip()]
+    if not distributed.is_main():  # every rank generated its share; rank 0 writes them all
+        return
     tmp = out_dir / (RETAIN_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out_dir / RETAIN_FILE)

@@ -23,6 +23,11 @@ is refused, naming the changed keys, unless `force=True`; a changed input recomp
 A reused step's files are verified; a missing one is recomputed, a damaged one named. `from_step`
 recomputes a step and everything after it; training resumes a checkpoint only when it was made from the
 same init, data and config.
+
+Under torch.distributed (`torchrun ... sails-fast run`, `accelerate launch`) every rank runs this with the
+same config: generation, statistics, training (DDP) and evaluation are split over the ranks; data, SAEs,
+select, subspace and report are computed once by rank 0 and read by the others; only rank 0 writes, and
+`run_state.json` records the world size that produced each step. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 import torch
 
+from sails_fast.core import distributed
 from sails_fast.models.loading import default_device, load_model, resolve_model_path
 from sails_fast.pipeline.config import ModelConfig, RunConfig, SAEConfig
 from sails_fast.pipeline.data import (
@@ -123,6 +129,16 @@ def load_saes(
     return saes
 
 
+def _check_enough_examples(data: dict) -> None:
+    """Every rank needs a share of the training prompts; raised alike on every rank (same data)."""
+    world = distributed.world_size()
+    if world > 1 and len(data["train"]) < world:
+        raise ValueError(
+            f"data: {len(data['train'])} training prompts for {world} ranks; every rank needs at least one "
+            f"(start at most {len(data['train'])} processes, or raise data.train_prompts)"
+        )
+
+
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,11 +210,16 @@ def run_pipeline(
         raise ValueError(f"from_step: expected one of {STEPS}, got {from_step!r}")
     out_dir = Path(out_dir)
     wanted = STEPS[: STEPS.index(until) + 1]
+    if distributed.init_from_env():
+        # ranks launched with different settings would compute different things: refuse on every rank
+        settings = {"out_dir": str(out_dir), "until": until, "force": force, "from_step": from_step}
+        distributed.check_same("the run's config", {**flatten(config.to_dict(), ""), **settings})
 
     # everything is read and checked before anything is written
     sources = load_sources(config.data)
     data = split_sources(sources, config.data)
     check_no_leak(data, sources, config.data)
+    _check_enough_examples(data)
     digests = input_digests(config, sources, judge)
     state = RunState(
         out_dir, steps=STEPS, depends=STEP_DEPENDS, configs=step_configs(config, judge),
@@ -206,9 +227,13 @@ def run_pipeline(
         fingerprints=step_fingerprints(config, digests, judge),
         inputs={s: _step_inputs(s, digests) for s in STEPS}, force=force, from_step=from_step,
     )  # fmt: skip
-    state.check(wanted, _previous_config(out_dir))
-    _check_writable(out_dir)
-    config.save(out_dir / CONFIG_FILE)
+
+    def check_and_start():
+        state.check(wanted, _previous_config(out_dir))
+        _check_writable(out_dir)
+        config.save(out_dir / CONFIG_FILE)
+
+    distributed.on_main(check_and_start)
     run = _Run(config, out_dir, state, sources, data, judge)
     for name in wanted:
         getattr(run, f"{name}_step")()
@@ -226,19 +251,30 @@ class _Run:
         self.model = self.tokenizer = self.model_path = None
         self.pairs, self.retain, self.saes, self.stats, self.peft_model = [], [], {}, {}, None
 
-    def step(self, name: str, compute: Callable[[], Any], load: Callable[[], Any]) -> Any:
-        """load() when the step's recorded outputs are reusable, else compute() and record the step."""
+    def step(
+        self, name: str, compute: Callable[[], Any], load: Callable[[], Any], shared: bool = False
+    ) -> Any:
+        """load() when the step's recorded outputs are reusable, else compute() and record the step.
+
+        Under torch.distributed rank 0 decides and records; with `shared` every rank takes part in compute()
+        (split work and collectives; rank 0 writes), otherwise rank 0 computes and the others load() what
+        it wrote."""
         state, result, outputs = self.state, self.result, _outputs(self.out_dir, name, self.config)
-        if state.reusable(name, outputs):
+        main = distributed.is_main()
+        if distributed.broadcast(state.reusable(name, outputs) if main else None):
             result.steps_reused.append(name)
             return load()
         if name in state.reasons:
             result.reasons[name] = state.reasons[name]
             log.warning("%s: recomputing (%s)", name, state.reasons[name])
         start = time.perf_counter()
-        value = compute()
+        value = compute() if shared else distributed.on_main(compute)
         seconds = time.perf_counter() - start
-        state.finish(name, _outputs(self.out_dir, name, self.config), seconds)
+        distributed.on_main(lambda: state.finish(name, _outputs(self.out_dir, name, self.config), seconds))
+        if not shared and not main:
+            value = load()
+        # later steps' keys (generation caches, training checkpoints) read the recorded contents
+        state.done = distributed.broadcast(state.done)
         result.steps_run.append(name)
         result.seconds[name] = round(seconds, 2)
         return value
@@ -272,12 +308,13 @@ class _Run:
                 self.model, self.tokenizer, pairs, config.sails.collect, caches["unaligned"]
             )
             pairs = [p for p in pairs if p.unaligned is not None]
-            write_pairs(pairs, out_dir / "pairs.jsonl")
+            if distributed.is_main():
+                write_pairs(pairs, out_dir / "pairs.jsonl")
             retain = self.data["retain"]
             write_retain(self.model, self.tokenizer, retain, config.sails.collect, out_dir, caches["retain"])
             return pairs
 
-        self.pairs = self.step("pairs", make_pairs, lambda: read_pairs(out_dir / "pairs.jsonl"))
+        self.pairs = self.step("pairs", make_pairs, lambda: read_pairs(out_dir / "pairs.jsonl"), shared=True)
         self.retain = read_retain(out_dir)
 
     def saes_step(self) -> None:
@@ -301,9 +338,14 @@ class _Run:
             stats = collect_feature_stats(
                 self.model, self.tokenizer, self.saes, self.pairs, config.sails.collect
             )
+            if not distributed.is_main():
+                return stats
             stats_dir.mkdir(exist_ok=True)
             for layer, s in stats.items():
-                s.save(stats_dir / f"layer_{layer}.safetensors", {"layer": layer})
+                s.save(
+                    stats_dir / f"layer_{layer}.safetensors",
+                    {"layer": layer, "world_size": distributed.group_size()},
+                )
             # maps FeatureStats' argmax token indices back to (pair, position), for the report's snippets
             token_map = build_token_map(self.tokenizer, self.pairs, config.sails.collect)
             token_map.save(stats_dir / "token_map.safetensors")
@@ -315,7 +357,7 @@ class _Run:
                 for layer in config.sae.layers
             }
 
-        self.stats = self.step("stats", make_stats, load_stats)
+        self.stats = self.step("stats", make_stats, load_stats, shared=True)
 
     def select_step(self) -> None:
         from sails_fast.selection.select import FeatureSelection, select_features
@@ -354,28 +396,29 @@ class _Run:
         def make_train():
             from sails_fast.training.loop import train
 
-            _clear_stale_training(
-                train_dir, self.state.content_key("train"), restart=self.state.rerun("train")
-            )
+            key, restart = self.state.content_key("train"), self.state.rerun("train")
+            distributed.on_main(lambda: _clear_stale_training(train_dir, key, restart=restart))
             examples = [*self.pairs, *self.retain]
             return train(self.peft_model, self.tokenizer, examples, self.config.sails.train, train_dir)
 
         def load_train():
             return _load_trained_adapter(self.peft_model, train_dir / "adapter")
 
-        self.result.train = self.step("train", make_train, load_train)
+        self.result.train = self.step("train", make_train, load_train, shared=True)
 
     def eval_step(self) -> None:
         out_dir = self.out_dir
 
         def make_eval():
-            for stale in out_dir.glob("eval_*.json"):
+            for stale in out_dir.glob("eval_*.json") if distributed.is_main() else []:
                 stale.unlink()
             return _evaluate(
                 self.peft_model, self.tokenizer, self.data, self.config, self.model_path, out_dir, self.judge
             )
 
-        self.result.before, self.result.after = self.step("eval", make_eval, lambda: _load_eval(out_dir))
+        self.result.before, self.result.after = self.step(
+            "eval", make_eval, lambda: _load_eval(out_dir), shared=True
+        )
 
     def report_step(self) -> None:
         from sails_fast.report.html import report
@@ -400,9 +443,10 @@ def _generation_caches(out_dir: Path, key: str) -> dict[str, Path]:
     """This key's cache files for the unaligned completions and the retain answers; any other key's
     (another model, data or config) are removed."""
     caches = {kind: out_dir / f"{kind}_cache.{key}.jsonl" for kind in ("unaligned", "retain")}
-    for kind, keep in caches.items():
+    for kind in caches if distributed.is_main() else ():
         for stale in out_dir.glob(f"{kind}_cache*.jsonl"):
-            if stale != keep:
+            # the per-rank files of a distributed run (<name>.rank<r>.jsonl) belong to the key too
+            if not stale.name.startswith(f"{kind}_cache.{key}."):
                 stale.unlink()
     return caches
 
@@ -446,10 +490,12 @@ def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Pat
 
     def make_init():
         report = init_lora_from_subspace(peft_model, subspace, config.sails.init)
-        write_json_atomic(out_dir / "init.json", dataclasses.asdict(report))
+        if distributed.is_main():
+            write_json_atomic(out_dir / "init.json", dataclasses.asdict(report))
         return report
 
-    step("init", make_init, lambda: init_lora_from_subspace(peft_model, subspace, config.sails.init))
+    load = lambda: init_lora_from_subspace(peft_model, subspace, config.sails.init)  # noqa: E731
+    step("init", make_init, load, shared=True)
     return peft_model
 
 
@@ -471,7 +517,7 @@ def _describe_base(model_config: ModelConfig, quantized: bool) -> dict[str, Any]
 
 def _evaluate(peft_model, tokenizer, data: dict, config: RunConfig, model_path: str, out_dir: Path, judge):
     """Before / after on the training base (and on the full-precision base with eval.bases "both");
-    each result records its base in meta["base"]."""
+    each result records its base in meta["base"]. Every rank evaluates its share; rank 0 writes."""
     from sails_fast.evaluation.results import compare
     from sails_fast.evaluation.run import evaluate_before_after
 
@@ -480,27 +526,34 @@ def _evaluate(peft_model, tokenizer, data: dict, config: RunConfig, model_path: 
     before, after = evaluate_before_after(peft_model, tokenizer, **sets, config=config.eval, judge=judge)
     for r in (before, after):
         r.meta["base"] = _describe_base(config.model, quantized)
-    before.save(out_dir / "eval_before.json")
-    after.save(out_dir / "eval_after.json")
-    table = [f"base: {before.meta['base']['weights']}", compare(before, after)]
+    full = None
     if config.eval.bases == "both" and quantized:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        full = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, config.model.compute_dtype)
-        )
-        full = PeftModel.from_pretrained(full.to(default_device()), str(out_dir / "train" / "adapter")).eval()
-        full_before, full_after = evaluate_before_after(
-            full, tokenizer, **sets, config=config.eval, judge=judge
-        )
-        for r in (full_before, full_after):
-            r.meta["base"] = _describe_base(config.model, False)
-        full_before.save(out_dir / "eval_before_full.json")
-        full_after.save(out_dir / "eval_after_full.json")
-        table += ["", "base: full precision (the same adapter)", compare(full_before, full_after)]
-    (out_dir / "eval_table.txt").write_text("\n".join(table) + "\n")
+        full = _evaluate_full_base(config, model_path, tokenizer, sets, out_dir, judge)
+    if distributed.is_main():
+        before.save(out_dir / "eval_before.json")
+        after.save(out_dir / "eval_after.json")
+        table = [f"base: {before.meta['base']['weights']}", compare(before, after)]
+        if full is not None:
+            full[0].save(out_dir / "eval_before_full.json")
+            full[1].save(out_dir / "eval_after_full.json")
+            table += ["", "base: full precision (the same adapter)", compare(*full)]
+        (out_dir / "eval_table.txt").write_text("\n".join(table) + "\n")
     return before, after
+
+
+def _evaluate_full_base(config: RunConfig, model_path: str, tokenizer, sets: dict, out_dir: Path, judge):
+    """The trained adapter on the full-precision base: (before, after)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sails_fast.evaluation.run import evaluate_before_after
+
+    full = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.model.compute_dtype))
+    full = PeftModel.from_pretrained(full.to(default_device()), str(out_dir / "train" / "adapter")).eval()
+    results = evaluate_before_after(full, tokenizer, **sets, config=config.eval, judge=judge)
+    for r in results:
+        r.meta["base"] = _describe_base(config.model, False)
+    return results
 
 
 def _load_eval(out_dir: Path):

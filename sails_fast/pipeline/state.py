@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sails_fast.core import distributed
 from sails_fast.core.digests import file_sha256
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class RunState:
             "upstream": upstream,
             "content": stable_hash(files, upstream),
             "seconds": round(seconds, 2),
+            "world_size": distributed.group_size(),
         }
         self.legacy = False
         write_json_atomic(self.path, {"format": STATE_FORMAT, "steps": self.done})

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 
 def print_summary(result) -> None:
+    from sails_fast.core import distributed
+
+    if not distributed.is_main():  # one summary per run, rank 0's
+        return
     print(f"run directory: {result.out_dir}")
     if result.steps_reused:
         print(f"reused: {', '.join(result.steps_reused)}")

@@ -3,7 +3,10 @@
 `collect_feature_stats` runs the frozen model over both sides of every pair (class 0 = aligned, class 1 =
 unaligned), hooks the residual stream at the SAE layers and folds each batch into per-layer FeatureStats
 with `sails_fast.sae_feature_stats`. Only [classes x latents] accumulators are kept, never anything per
-token, and the forward stops after the deepest hooked layer. Examples are tokenised as training
+token, and the forward stops after the deepest hooked layer. Under torch.distributed each rank runs a
+contiguous share of the batches (the same batches a single process would run, so each example is seen
+once and with the same padding) and the statistics are all-reduced: counts, maxima and argmax equal the
+single-process run exactly, sums up to fp32 summation order. Examples are tokenised as training
 tokenises them (`sails_fast.pairs.tokenize.tokenize_example`); the unaligned side comes from
 `sails_fast.pairs.generation`.
 """
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sails_fast.core import distributed
 from sails_fast.core.feature_stats import ALIGNED, UNALIGNED
 from sails_fast.models.hooks import StopForward, decoder_layers, hidden_size, model_device
 from sails_fast.pairs.config import CollectConfig
@@ -146,7 +150,7 @@ def collect_feature_stats(
         )
         encoded.append((ids, n_prompt))
         n_truncated += cut
-    if n_truncated:
+    if n_truncated and distributed.is_main():
         warnings.warn(
             f"max_length: {n_truncated} of {len(encoded)} examples are longer than {config.max_length} "
             "tokens and were truncated",
@@ -178,8 +182,10 @@ def collect_feature_stats(
         model.eval()
         for layer in layers:
             handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
-        starts = range(0, len(encoded), config.batch_size)
-        bar = tqdm(starts, desc="feature stats", unit="batch", disable=not config.progress)
+        # whole batches per rank, in stream order: the argmax offsets of `all_reduce` follow rank order
+        starts = distributed.shard(range(0, len(encoded), config.batch_size))
+        quiet = not config.progress or not distributed.is_main()
+        bar = tqdm(starts, desc="feature stats", unit="batch", disable=quiet)
         for start in bar:
             chunk = slice(start, start + config.batch_size)
             labels = [label for _, _, label, _ in examples[chunk]]
@@ -198,4 +204,6 @@ def collect_feature_stats(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for layer_stats in stats.values():
+        layer_stats.all_reduce()
     return stats

@@ -21,6 +21,10 @@ safety rate every `probe_every` steps, from which "steps to reach `target_safety
 finished (method, seed) are written atomically and reused on the next call, so an interrupted comparison
 continues where it stopped. Outputs: see `write_outputs` (compare.py's plotting half lives in
 `compare_outputs.py`).
+
+Under torchrun the shared steps run split over the ranks (as `sails-fast run` does), then the (method,
+seed) cells still to do are dealt round-robin to the ranks, each cell trained and evaluated by one rank on
+its own device; rank 0 writes the tables and plots once every cell is done.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sails_fast.core import distributed
+from sails_fast.pipeline.state import flatten
 from sails_fast.pipeline.state import stable_hash as _fingerprint
 from sails_fast.pipeline.state import write_json_atomic as _write_json
 from sails_fast.study.compare_config import RESULT_FORMAT, CompareConfig, MethodSpec
@@ -119,16 +125,22 @@ def prepare_shared(config: CompareConfig, out_dir: Path) -> Shared:
     hidden_path = out_dir / "hidden_pooled.safetensors"
     layers = list(run.sae.layers)
     key = _fingerprint(run.to_dict()["data"], run.to_dict()["sails"]["collect"], run.model.path, layers)
-    pooled = None
-    if hidden_path.exists():
+
+    def read_pooled():
+        if not hidden_path.exists():
+            return None
         from safetensors import safe_open
 
         with safe_open(str(hidden_path), "pt") as f:
             meta = f.metadata() or {}
-        if meta.get("key") == key:
-            t = load_file(str(hidden_path))
-            pooled = {layer: (t[f"{layer}.aligned"], t[f"{layer}.unaligned"]) for layer in layers}
-    if pooled is None:
+        if meta.get("key") != key:
+            return None
+        t = load_file(str(hidden_path))
+        return {layer: (t[f"{layer}.aligned"], t[f"{layer}.unaligned"]) for layer in layers}
+
+    def write_pooled():
+        if read_pooled() is not None:
+            return
         pairs = read_pairs(pipe_dir / "pairs.jsonl")
         pooled = collect_hidden_pooled(model, tokenizer, pairs, layers, run.sails.collect)
         tensors = {
@@ -139,6 +151,10 @@ def prepare_shared(config: CompareConfig, out_dir: Path) -> Shared:
         tmp = hidden_path.with_name(hidden_path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"key": key})
         tmp.replace(hidden_path)
+
+    # the hidden-state pass runs once (rank 0); every rank reads its file
+    distributed.on_main(write_pooled)
+    pooled = read_pooled()
     # perplexity reference: the base model's own greedy answers to held-out harmless prompts
     ppl_prompts = [getattr(r, "text", str(r)) for r in data["harmless_test"][: config.ppl_prompts]]
     answers = generate_unaligned(
@@ -153,7 +169,13 @@ def prepare_shared(config: CompareConfig, out_dir: Path) -> Shared:
     shared = Shared(
         data, examples, tokenizer, resolve_model_path(run.model), saes, stats, pooled, ppl_examples, judge
     )
-    # the untrained base, measured the same way: the row every method starts from
+    # the untrained base, measured the same way: the row every method starts from (by rank 0)
+    distributed.on_main(lambda: _measure_base(model, shared, config, out_dir))
+    return shared
+
+
+def _measure_base(model, shared: Shared, config: CompareConfig, out_dir: Path) -> None:
+    run, data, tokenizer = config.run, shared.data, shared.tokenizer
     base_path = out_dir / "runs" / "base" / "result.json"
     fp = _base_fingerprint(config)
     if _read_record(base_path, fp) is None:
@@ -162,7 +184,6 @@ def prepare_shared(config: CompareConfig, out_dir: Path) -> Shared:
         record = {"method": "base", "kind": "base", "seed": None, **metrics, "curve": [(0, probe)],
                   "steps_to_target": 0 if probe >= config.target_safety else None}  # fmt: skip
         _write_json(base_path, {"format": RESULT_FORMAT, "fingerprint": fp, "record": record})
-    return shared
 
 
 @dataclass
@@ -209,35 +230,67 @@ def run_compare(
         # checked before the pipeline steps run, not after them
         raise ValueError(f"CompareConfig.judge: expected a local judge model folder, got {config.judge}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save(out_dir / "compare_config.json")
+    if distributed.init_from_env():
+        settings = {**flatten(config.to_dict(), ""), "out_dir": str(out_dir), "only": only}
+        distributed.check_same("the comparison's config", settings)
+
+    def start():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.save(out_dir / "compare_config.json")
+
+    distributed.on_main(start)
     shared = prepare_shared(config, out_dir)
-    # seeds outermost: an interrupted comparison has every method at its first seeds, not some at none
+    # rank 0 decides what is left, the ranks take turns; each cell runs on one rank alone
+    todo = distributed.broadcast(_cells_to_run(config, out_dir, only) if distributed.is_main() else None)
+    mine = todo[distributed.rank() :: distributed.world_size()]
+    with distributed.local_only():
+        for spec, seed in mine:
+            _run_cell(spec, seed, shared, config, out_dir)
+    # cells take as long as training does: this wait has no collective timeout
+    distributed.barrier(long=True)
+    records = collect_records(out_dir, config)
+    files = (
+        write_outputs(records, Path(results_dir) if results_dir else out_dir, config)
+        if distributed.is_main()
+        else []
+    )
+    return CompareResult(records, files)
+
+
+def _cells_to_run(
+    config: CompareConfig, out_dir: Path, only: Sequence[str] | None
+) -> list[tuple[MethodSpec, int]]:
+    """The (method, seed) cells without a result for today's config, seeds outermost (an interrupted
+    comparison has every method at its first seeds, not some at none)."""
+    todo = []
     for seed in all_seeds(config):
         for spec in config.methods:
             if (only is not None and spec.name not in only) or seed not in method_seeds(spec, config):
                 continue
             run_dir = out_dir / "runs" / spec.name / f"seed{seed}"
-            fp = record_fingerprint(spec, seed, config)
-            if _read_record(run_dir / "result.json", fp) is not None:
+            if _read_record(run_dir / "result.json", record_fingerprint(spec, seed, config)) is not None:
                 log.info("compare: %s seed %d already done, reused", spec.name, seed)
                 continue
-            log.info("compare: %s seed %d", spec.name, seed)
-            record = run_method(spec, seed, shared, config, run_dir)
-            _write_json(
-                run_dir / "result.json", {"format": RESULT_FORMAT, "fingerprint": fp, "record": record}
-            )
-            print(
-                f"compare: {spec.name} seed {seed}: safety {record['safety_rate']:.3f}, "
-                f"over-refusal {record['over_refusal_harmless']:.3f}"
-                f"/{record['over_refusal_safe_scary']:.3f}, "
-                f"ppl {record['ppl_harmless']:.2f}, steps to target {record['steps_to_target']}, "
-                f"{_judge_text(record)}train {record['train_s']:.0f} s",
-                flush=True,
-            )
-    records = collect_records(out_dir, config)
-    files = write_outputs(records, Path(results_dir) if results_dir else out_dir, config)
-    return CompareResult(records, files)
+            todo.append((spec, seed))
+    return todo
+
+
+def _run_cell(spec: MethodSpec, seed: int, shared: Shared, config: CompareConfig, out_dir: Path) -> None:
+    """Train and evaluate one (method, seed); its result.json is written atomically when it is done."""
+    run_dir = out_dir / "runs" / spec.name / f"seed{seed}"
+    fp = record_fingerprint(spec, seed, config)
+    log.info("compare: %s seed %d", spec.name, seed)
+    record = run_method(spec, seed, shared, config, run_dir)
+    _write_json(run_dir / "result.json", {"format": RESULT_FORMAT, "fingerprint": fp, "record": record})
+    where = f"[{distributed.describe()}] " if distributed.describe() else ""
+    print(
+        f"{where}compare: {spec.name} seed {seed}: safety {record['safety_rate']:.3f}, "
+        f"over-refusal {record['over_refusal_harmless']:.3f}"
+        f"/{record['over_refusal_safe_scary']:.3f}, "
+        f"ppl {record['ppl_harmless']:.2f}, steps to target {record['steps_to_target']}, "
+        f"{_judge_text(record)}train {record['train_s']:.0f} s",
+        flush=True,
+    )
 
 
 def _judge_text(record: dict) -> str:

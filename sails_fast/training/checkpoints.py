@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sails_fast.core import distributed
+
 CHECKPOINT_FORMAT = "sails_fast.train_checkpoint/1"
 
 
@@ -79,7 +81,11 @@ def _checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(model, optimizer, scheduler, ckpt_root: Path, step: int, state: dict, keep: int) -> Path:
+    """Written by rank 0 (every rank calls it: each one's RNG state is kept, rng_rank<r>.pt for r >= 1)."""
     final = ckpt_root / f"step-{step:08d}"
+    rng_states = distributed.gather(_rng_state())
+    if not distributed.is_main():
+        return final
     tmp = ckpt_root / f".tmp-step-{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -87,7 +93,9 @@ def _save_checkpoint(model, optimizer, scheduler, ckpt_root: Path, step: int, st
     model.save_pretrained(str(tmp))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(rng_states[0], tmp / "rng.pt")
+    for r, rng in enumerate(rng_states[1:], start=1):
+        torch.save(rng, tmp / f"rng_rank{r}.pt")
     torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(
         json.dumps({k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}, indent=2) + "\n"
@@ -126,7 +134,9 @@ def _restore(model, optimizer, scheduler, ckpt: Path) -> dict:
         )
     optimizer.load_state_dict(_load(ckpt / "optimizer.pt", "optimizer"))
     scheduler.load_state_dict(_load(ckpt / "scheduler.pt", "scheduler"))
-    _set_rng_state(_load(ckpt / "rng.pt", "rng"))
+    # a rank restores its own RNG state when the checkpoint has one (same world size), else rank 0's
+    own = ckpt / f"rng_rank{distributed.rank()}.pt"
+    _set_rng_state(_load(own if distributed.rank() and own.is_file() else ckpt / "rng.pt", "rng"))
     return _load(ckpt / "state.pt", "state")
 
 

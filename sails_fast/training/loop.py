@@ -11,6 +11,11 @@ The 4-bit base comes from `sails_fast.models.loading.load_base_4bit`; with `Trai
 layers go through `sails_fast.integrations.peft.fuse_lora` (layers it cannot fuse keep PEFT's forward,
 and are listed in the log). The loss is taken in chunks of response tokens (`TrainConfig.loss_chunk_tokens`,
 `sails_fast.training.sft.response_loss`).
+
+Under torch.distributed (torchrun) every rank calls `train` with the same arguments: each optimizer step's
+examples are split over the ranks and the gradients synchronised with DDP
+(`sails_fast.training.data_parallel`), so the result equals a single-process run with the same config;
+rank 0 writes the log, the checkpoints and the adapter.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sails_fast.core import distributed
 from sails_fast.pairs.tokenize import tokenize_example
 from sails_fast.training.checkpoints import (
     _RESUME_FREE,
@@ -38,7 +44,8 @@ from sails_fast.training.checkpoints import (
     _trim_log,
 )
 from sails_fast.training.config import TrainConfig, lr_factor
-from sails_fast.training.sft import _fingerprint, _sft_examples, response_loss, sft_batch
+from sails_fast.training.data_parallel import StepLoss, rank_share
+from sails_fast.training.sft import _fingerprint, _sft_examples, sft_batch
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +141,13 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root, log_path = out / "checkpoints", out / "train_log.jsonl"
     params = _trainable(peft_model)
-    pad_id = next(
-        (int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0
-    )  # fmt: skip
+    pad_id = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
     encoded = _encode(tokenizer, _sft_examples(examples), config)
     fingerprint = _fingerprint(encoded)
 
     N, B, A = len(encoded), config.batch_size, config.grad_accum_steps
     total = config.total_steps(N)
-    # the example stream: one seeded permutation per pass, as many passes as the steps need
-    passes = math.ceil(total * B * A / N)
-    g = torch.Generator().manual_seed(config.seed)
-    data_order = torch.cat([torch.randperm(N, generator=g) for _ in range(passes)])
+    data_order = _data_order(N, total, config)
     optimizer, scheduler = _optimizer(params, config, total)
 
     run_config = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
@@ -153,7 +155,9 @@ def train(
     data_order = state.get("data_order", data_order)
     start = int(state.get("step", 0))
     resumed_from, final_loss = (start if state else None), state.get("last_loss")
-    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    writer = distributed.is_main()
+    if writer:
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     fuse_text = _fuse(peft_model, config, out)
     # what every checkpoint records of the run, besides its step, data order and loss
     run_record = {
@@ -165,16 +169,18 @@ def train(
     enabled_ckpt = _enable_checkpointing(base, config)
     was_training = peft_model.training
     peft_model.train()
-    # inputs go where the embedding lives (the first device of a model split over several)
-    embed = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
-    device = embed.weight.device if embed is not None else params[0].device
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not config.progress)
+    device = _input_device(peft_model, params)
+    bar = tqdm(
+        total=total, initial=start, desc="train", unit="step", disable=not (config.progress and writer)
+    )
+    step_loss = StepLoss(peft_model, config.loss_chunk_tokens)
     try:
-        with log_path.open("a") as log:
+        with log_path.open("a") if writer else open(os.devnull, "w") as log:
             for step in range(start, total):
-                idx = data_order[step * B * A : (step + 1) * B * A].tolist()
-                micro = [[encoded[i] for i in idx[k : k + B]] for k in range(0, len(idx), B)]
-                rec = _optimizer_step(peft_model, micro, pad_id, device, params, config, optimizer, scheduler)
+                micro, step_tokens = _step_examples(encoded, data_order, step, config)
+                rec = _optimizer_step(
+                    step_loss, micro, step_tokens, pad_id, device, params, config, optimizer, scheduler
+                )
                 final_loss, done = rec["loss"], step + 1
                 if done % config.log_every == 0 or done == total:
                     log.write(json.dumps({"step": done, **rec, "epoch": done * B * A / N}) + "\n")
@@ -191,11 +197,39 @@ def train(
                         peft_model, optimizer, scheduler, ckpt_root, done, state, config.keep_checkpoints
                     )
     finally:
+        step_loss.close()
         bar.close()
         peft_model.train(was_training)
         if enabled_ckpt:
             _set_checkpointing(base, False)
-    return TrainResult(_save_adapter(peft_model, out), total, final_loss, log_path, resumed_from, fuse_text)
+    adapter_dir = _save_adapter(peft_model, out) if writer else out / "adapter"
+    distributed.barrier()  # the adapter is on disk before any rank reads it
+    return TrainResult(adapter_dir, total, final_loss, log_path, resumed_from, fuse_text)
+
+
+def _input_device(peft_model: nn.Module, params: list) -> torch.device:
+    """Where inputs go: where the embedding lives (the first device of a model split over several)."""
+    embed = peft_model.get_input_embeddings() if hasattr(peft_model, "get_input_embeddings") else None
+    return embed.weight.device if embed is not None else params[0].device
+
+
+def _data_order(n: int, total: int, config: TrainConfig) -> torch.Tensor:
+    """The example stream: one seeded permutation per pass, as many passes as `total` steps need."""
+    passes = math.ceil(total * config.batch_size * config.grad_accum_steps / n)
+    g = torch.Generator().manual_seed(config.seed)
+    return torch.cat([torch.randperm(n, generator=g) for _ in range(passes)])
+
+
+def _step_examples(
+    encoded: list, data_order: torch.Tensor, step: int, config: TrainConfig
+) -> tuple[list, int]:
+    """This rank's micro-batches of optimizer step `step` (0-based), and the response tokens of the whole
+    step over all ranks (the loss is a mean over them)."""
+    B, A = config.batch_size, config.grad_accum_steps
+    idx = data_order[step * B * A : (step + 1) * B * A].tolist()
+    step_tokens = sum(len(encoded[i][0]) - encoded[i][1] for i in idx)
+    mine = rank_share(idx, B, A)
+    return [[encoded[i] for i in mine[k : k + B]] for k in range(0, len(mine), B)], step_tokens
 
 
 def _optimizer(params: list, config: TrainConfig, total: int):
@@ -253,10 +287,12 @@ def _resume(
             raise ValueError(f"out_dir: {out} holds a run with another config (checkpoint vs now: {diff})")
         if state["examples_fingerprint"] != fingerprint:
             raise ValueError(f"out_dir: {out} holds a run over other examples (or another tokenizer)")
-        _trim_log(log_path, int(state["step"]))
-    elif log_path.exists():
+        if distributed.is_main():
+            _trim_log(log_path, int(state["step"]))
+    elif log_path.exists() and distributed.is_main():
         log_path.unlink()
-    for stale in ckpt_root.glob(".tmp-step-*") if ckpt_root.is_dir() else []:
+    stale_dirs = ckpt_root.glob(".tmp-step-*") if ckpt_root.is_dir() and distributed.is_main() else []
+    for stale in stale_dirs:
         shutil.rmtree(stale, ignore_errors=True)
     return state
 
@@ -268,9 +304,10 @@ def _fuse(peft_model: nn.Module, config: TrainConfig, out: Path) -> str | None:
     from sails_fast.integrations.peft import fuse_lora
 
     report = fuse_lora(peft_model, backend=config.backend)
-    (out / "fuse_report.json").write_text(
-        json.dumps({"fused": report.fused, "skipped": report.skipped}, indent=2) + "\n"
-    )
+    if distributed.is_main():
+        (out / "fuse_report.json").write_text(
+            json.dumps({"fused": report.fused, "skipped": report.skipped}, indent=2) + "\n"
+        )
     if report.skipped:
         logger.warning("fuse_lora left %d LoRA layer(s) on PEFT's path:\n%s", len(report.skipped), report)
     return str(report)
@@ -286,17 +323,18 @@ def _enable_checkpointing(base: nn.Module, config: TrainConfig) -> bool:
     return False
 
 
-def _optimizer_step(peft_model, micro, pad_id, device, params, config, optimizer, scheduler) -> dict:
-    """One optimizer step over micro-batches (gradients accumulated, the loss a mean over all their
-    response tokens); the log record {loss, lr, grad_norm, tokens}."""
-    n_tok = sum(len(ids) - n_prompt for mb in micro for ids, n_prompt in mb)
+def _optimizer_step(
+    step_loss: StepLoss, micro, n_tok: int, pad_id, device, params, config, optimizer, scheduler
+) -> dict:
+    """One optimizer step over this rank's micro-batches (gradients accumulated, and synchronised over the
+    ranks; the loss a mean over the `n_tok` response tokens of the whole step); the log record
+    {loss, lr, grad_norm, tokens}."""
     lr = optimizer.param_groups[0]["lr"]
-    step_loss = 0.0
-    for mb in micro:
+    loss_sum = 0.0
+    for k, mb in enumerate(micro):
         batch = [t.to(device) for t in sft_batch(mb, pad_id)]
-        loss_sum, _ = response_loss(peft_model, *batch, chunk_tokens=config.loss_chunk_tokens)
-        (loss_sum / n_tok).backward()
-        step_loss += loss_sum.item()
+        loss_sum += step_loss.backward(batch, n_tok, last=k == len(micro) - 1)
+    loss_sum = distributed.all_sum(loss_sum)
     if config.max_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     else:
@@ -304,7 +342,7 @@ def _optimizer_step(peft_model, micro, pad_id, device, params, config, optimizer
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": step_loss / n_tok, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok}
+    return {"loss": loss_sum / n_tok, "lr": lr, "grad_norm": grad_norm, "tokens": n_tok}
 
 
 def _save_adapter(peft_model: nn.Module, out: Path) -> Path:

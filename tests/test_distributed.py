@@ -1,0 +1,225 @@
+"""The pipeline under torchrun (issue 18): 2 CPU processes on gloo, the tiny Llama and SAEs of
+test_sails_pipeline, against a single-process run of the same config.
+
+Each rank gets the test process's thread count (torchrun would set OMP_NUM_THREADS=1): CPU matmuls round
+differently with another thread count, and "exactly" is meant for the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_sails_pipeline import tiny_config, write_tiny_assets
+
+from sails_fast.core import distributed
+from sails_fast.pipeline.config import RunConfig
+from sails_fast.pipeline.run import run_pipeline
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ADAPTER = "train/adapter/adapter_model.safetensors"
+# the trained adapter of 2 ranks vs 1 process: same global batch, the loss summed in another order
+ADAPTER_ATOL = 1e-6
+
+
+def torchrun(
+    *args, nproc: int = 2, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N tests/dist_worker.py ARGS` (its output captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run(
+        [*cmd, str(WORKER), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})},
+    )  # fmt: skip
+
+
+def errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return sorted(line for line in proc.stderr.splitlines() if line.startswith("sails-fast: error:"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny assets, a config file, and the single-process run of it."""
+    root = tmp_path_factory.mktemp("dist")
+    config = tiny_config(*write_tiny_assets(root))
+    config.save(root / "config.json")
+    run_pipeline(config, root / "single")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(setup):
+    """`torchrun --nproc-per-node 2 sails-fast run` of the same config."""
+    proc = torchrun("cli", "run", "--config", setup / "config.json", "--out", setup / "ranks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return setup / "ranks", proc
+
+
+def test_statistics_equal_the_single_process_run(setup, two_ranks):
+    out, _ = two_ranks
+    for layer in (0, 1):
+        one = load_file(str(setup / "single" / "stats" / f"layer_{layer}.safetensors"))
+        two = load_file(str(out / "stats" / f"layer_{layer}.safetensors"))
+        for name in ("token_count", "active_count", "act_max", "act_argmax"):
+            assert torch.equal(one[name], two[name]), name
+        for name in ("weight_sum", "act_sum", "act_sq_sum"):
+            torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-5)
+    # each example seen once: the pairs and retain answers are the single run's, in order
+    for name in ("pairs.jsonl", "retain.jsonl"):
+        assert (out / name).read_text() == (setup / "single" / name).read_text()
+    assert sorted(p.name for p in out.glob("unaligned_cache.*")) == [
+        p.name for p in sorted(out.glob("unaligned_cache.*.rank*.jsonl"))
+    ]  # each rank generated into its own file
+
+
+def test_select_subspace_and_init_are_the_single_process_ones(setup, two_ranks):
+    out, _ = two_ranks
+    for name in ("selection.safetensors", "subspace.safetensors"):
+        one, two = load_file(str(setup / "single" / name)), load_file(str(out / name))
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5)
+    assert json.loads((out / "init.json").read_text()) == json.loads(
+        (setup / "single" / "init.json").read_text()
+    )
+
+
+def test_the_trained_adapter_equals_the_single_process_run(setup, two_ranks):
+    out, _ = two_ranks
+    one, two = load_file(str(setup / "single" / ADAPTER)), load_file(str(out / ADAPTER))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=ADAPTER_ATOL)
+    logs = [[json.loads(x) for x in (d / "train" / "train_log.jsonl").read_text().splitlines()]
+            for d in (setup / "single", out)]  # fmt: skip
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]  # the same global batches
+    for a, b in zip(*logs, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_evaluation_is_gathered_and_artifacts_record_the_world_size(setup, two_ranks):
+    out, proc = two_ranks
+    for name in ("eval_before.json", "eval_after.json"):
+        one, two = (json.loads((d / name).read_text()) for d in (setup / "single", out))
+        for s in one["sets"]:
+            assert [r["prompt"] for r in two["sets"][s]["records"]] == [
+                r["prompt"] for r in one["sets"][s]["records"]
+            ]
+            assert [r["response"] for r in two["sets"][s]["records"]] == [
+                r["response"] for r in one["sets"][s]["records"]
+            ]
+    state = json.loads((out / "run_state.json").read_text())["steps"]
+    assert {step: rec["world_size"] for step, rec in state.items()} == dict.fromkeys(state, 2)
+    assert json.loads((setup / "single" / "run_state.json").read_text())["steps"]["stats"]["world_size"] == 1
+    header = json.loads(_header(out / "stats" / "layer_0.safetensors"))
+    assert header["metadata"]["world_size"] == 2
+    assert proc.stdout.count("run directory:") == 1  # rank 0 prints the summary, once
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".tmp-*"))
+
+
+def _header(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["header"]
+
+
+def test_a_rerun_of_a_finished_distributed_run_reuses_every_step(two_ranks):
+    out, _ = two_ranks
+    # the reused run reads what 2 ranks wrote, in one process
+    result = run_pipeline(RunConfig.load(out / "config.json"), out)
+    assert result.steps_run == []
+
+
+def test_a_rank_killed_mid_training_then_a_rerun_resumes_and_finishes(setup, two_ranks):
+    out = setup / "killed"
+    # rank 1 dies like an out-of-memory kill after optimizer step 3 (checkpoint at 2); torchrun stops rank 0
+    proc = torchrun("kill-rank", 1, 3, "run", "--config", setup / "config.json", "--out", out)
+    assert proc.returncode != 0
+    assert (out / "train" / "checkpoints" / "step-00000002").is_dir(), proc.stderr[-3000:]
+    assert not (out / "train" / "adapter").exists()
+    proc = torchrun("cli", "run", "--config", setup / "config.json", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reused: data, pairs, saes, stats, select, subspace, init" in proc.stdout
+    log = [json.loads(x) for x in (out / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    reference = load_file(str(two_ranks[0] / ADAPTER))
+    resumed = load_file(str(out / ADAPTER))
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=ADAPTER_ATOL)
+
+
+def test_ranks_with_different_configs_fail_fast_on_every_rank(setup, tmp_path):
+    other = json.loads((setup / "config.json").read_text())
+    other["sails"]["select"]["top_k"] = 5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = torchrun(
+        "rank-config", setup / "config.json", tmp_path / "other.json", "run", "--out", tmp_path / "run"
+    )
+    assert proc.returncode != 0
+    lines = errors(proc)
+    assert len(lines) == 2, proc.stderr[-3000:]
+    for r, line in enumerate(lines):
+        assert line.startswith(f"sails-fast: error: [rank {r}/2] the run's config differs between ranks")
+        assert "sails.select.top_k: rank 0 has 8, rank 1 has 5" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_more_ranks_than_training_prompts_is_an_error_on_every_rank(setup, tmp_path):
+    config = json.loads((setup / "config.json").read_text())
+    config["data"]["train_prompts"] = 1
+    (tmp_path / "one.json").write_text(json.dumps(config))
+    proc = torchrun("cli", "run", "--config", tmp_path / "one.json", "--out", tmp_path / "run")
+    lines = errors(proc)
+    assert len(lines) == 2, proc.stderr[-3000:]
+    for r, line in enumerate(lines):
+        assert re.match(rf"sails-fast: error: \[rank {r}/2\] data: 1 training prompts for 2 ranks", line), (
+            line
+        )
+
+
+def test_the_collective_helpers_and_a_hung_rank_timing_out():
+    proc = torchrun("helpers", env={distributed.TIMEOUT_ENV: "3"}, timeout=120)
+    out = proc.stdout
+    for r in (0, 1):
+        assert f"check_same [{r}]: settings differs between ranks; every rank must get the same " \
+               "(b: rank 0 has 0, rank 1 has 1)" in out  # fmt: skip
+        assert f"argmax [{r}]: [4, 6, 1] seen 12" in out
+    assert "on_main [0]: invalid literal for int()" in out
+    assert "on_main [1]: rank 0 failed: invalid literal for int()" in out
+    assert re.search(r"timeout \[0\] after [3-9] s", out), out + proc.stderr[-2000:]
+
+
+def test_the_single_process_helpers_are_the_identity():
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.gather("x") == ["x"]
+    assert distributed.on_main(lambda: 7) == 7 and distributed.describe() == ""
+    bounds = [distributed.shard_bounds(7, r, 3) for r in range(3)]
+    assert bounds == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_compare_deals_its_method_seed_cells_to_the_ranks(setup, tmp_path):
+    run = json.loads((setup / "config.json").read_text())
+    run["model"]["quantize"] = "none"
+    run["sails"]["train"].update(max_steps=1, save_every=0)
+    methods = [{"name": "sails", "kind": "sails"}, {"name": "lora", "kind": "lora"}]
+    probe = {"probe_every": 1, "probe_prompts": 2, "probe_max_new_tokens": 2, "ppl_prompts": 2}
+    config = {"run": run, "methods": methods, "seeds": [0, 1], **probe, "progress": False}
+    (tmp_path / "compare.json").write_text(json.dumps(config))
+    proc = torchrun("cli", "compare", "--config", tmp_path / "compare.json", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = re.findall(r"\[rank (\d)/2\] compare: (\w+) seed (\d)", proc.stdout)
+    # the cells in order (seeds outermost) dealt in turn: each ran once, on one rank
+    assert sorted(done) == [("0", "sails", "0"), ("0", "sails", "1"), ("1", "lora", "0"), ("1", "lora", "1")]
+    for method in ("sails", "lora"):
+        for seed in (0, 1):
+            assert (tmp_path / "out" / "runs" / method / f"seed{seed}" / "result.json").is_file()
+    assert proc.stdout.count("wrote ") == len(re.findall(r"^wrote ", proc.stdout, re.M)) >= 3
+    assert proc.stdout.count("| method |") == 1  # rank 0 prints the summary, once
