@@ -2,7 +2,8 @@
 `sails_fast.core.distributed` itself.
 
     dist_worker.py cli ARGS...                   sails-fast ARGS (the plain CLI)
-    dist_worker.py kill-rank RANK STEP ARGS...   sails-fast ARGS; that rank is SIGKILLed after optimizer step STEP
+    dist_worker.py kill-rank RANK STEP ARGS...   sails-fast ARGS; RANK is SIGKILLed after optimizer step STEP
+    dist_worker.py kill-generate RANK CALL ARGS  sails-fast ARGS; RANK is SIGKILLed at its CALLth generate()
     dist_worker.py rank-config CFG0 CFG1 ARGS... sails-fast ARGS --config CFG<rank> (ranks disagree)
     dist_worker.py helpers                       the collective helpers, and a rank that hangs
 """
@@ -29,6 +30,21 @@ def _kill_after(rank: int, step: int) -> None:
         return record
 
     loop._optimizer_step = optimizer_step
+
+
+def _kill_at_generate(rank: int, call: int) -> None:
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+    calls = [0]
+
+    def generate(self, *args, **kwargs):
+        calls[0] += 1
+        if int(os.environ["RANK"]) == rank and calls[0] == call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+
+    GenerationMixin.generate = generate
 
 
 def _helpers() -> int:
@@ -82,6 +98,9 @@ def main() -> int:
 
     if mode == "kill-rank":
         _kill_after(int(rest[0]), int(rest[1]))
+        rest = rest[2:]
+    elif mode == "kill-generate":
+        _kill_at_generate(int(rest[0]), int(rest[1]))
         rest = rest[2:]
     elif mode == "rank-config":
         rest = [*rest[2:], "--config", rest[int(os.environ["RANK"])]]

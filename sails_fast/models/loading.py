@@ -27,7 +27,7 @@ def load_base_4bit(
         compute_dtype: dtype of the dequantised matmuls (bf16 on GPU; fp32 on CPU is the safe choice).
         double_quant: quantise the per-block absmax too (~0.37 bit/param saved).
         gradient_checkpointing: passed to peft.prepare_model_for_kbit_training.
-        device_map: where the weights go (None: "cuda" when available, else "cpu").
+        device_map: where the weights go (None: the current CUDA device when there is one, else "cpu").
 
     Returns:
         nn.Module: the model with bitsandbytes Linear4bit layers, frozen, ready for get_peft_model.
@@ -44,7 +44,8 @@ def load_base_4bit(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if device_map is None:
-        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        # the current device: under torchrun each rank's own GPU (set from LOCAL_RANK)
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=double_quant,
@@ -60,8 +61,13 @@ def load_base_4bit(
 
 
 def default_device() -> torch.device:
-    """CUDA when there is one, else the CPU: where the pipeline puts its models."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The current CUDA device when there is one (a torchrun rank's own GPU), else the CPU: where the
+    pipeline puts its models."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _looks_local(path: str) -> bool:
