@@ -261,7 +261,8 @@ class _Run:
         it wrote."""
         state, result, outputs = self.state, self.result, _outputs(self.out_dir, name, self.config)
         main = distributed.is_main()
-        if distributed.broadcast(state.reusable(name, outputs) if main else None):
+        # rank 0 checks the recorded files (a damaged one is an error on every rank) and decides for all
+        if distributed.broadcast(distributed.on_main(lambda: state.reusable(name, outputs))):
             result.steps_reused.append(name)
             return load()
         if name in state.reasons:
