@@ -35,7 +35,7 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N tests/dist_worker.py ARGS` (its output captured)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.run(
             [*cmd, str(WORKER), *map(str, args)], capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})},
