@@ -144,70 +144,61 @@ def test_a_rerun_of_a_finished_distributed_run_reuses_every_step(two_ranks):
     assert result.steps_run == []
 
 
-def test_a_rank_killed_mid_training_then_a_rerun_resumes_and_finishes(setup, two_ranks):
-    out = setup / "killed"
-    # rank 1 dies like an out-of-memory kill after optimizer step 3 (checkpoint at 2); torchrun stops rank 0
-    proc = torchrun("kill-rank", 1, 3, "run", "--config", setup / "config.json", "--out", out)
+def accelerate_launch(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py ARGS` (torchrun underneath;
+    on a machine without a GPU the ranks use gloo)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd = [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_killed_ranks_then_reruns_resume_to_the_single_process_results(setup, two_ranks):
+    """Rank 0 killed mid-generation, then (relaunched with accelerate) rank 1 killed mid-training; each
+    rerun continues where the killed one stopped, and the results are those of uninterrupted runs."""
+    out, config = setup / "killed", setup / "config.json"
+    # rank 0 dies as its second batch of completions starts: its first batch is in its own cache file
+    proc = torchrun("kill-generate", 0, 2, "run", "--config", config, "--out", out)
+    assert proc.returncode != 0 and not (out / "pairs.jsonl").exists(), proc.stderr[-3000:]
+    (rank0_cache,) = out.glob("unaligned_cache.*.rank0.jsonl")
+    assert len(rank0_cache.read_text().splitlines()) == 4  # collect.batch_size
+
+    # accelerate launch resumes; rank 1 dies like an out-of-memory kill after optimizer step 3 (checkpoint 2)
+    proc = accelerate_launch("kill-rank", 1, 3, "run", "--config", config, "--out", out)
     assert proc.returncode != 0
     assert (out / "train" / "checkpoints" / "step-00000002").is_dir(), proc.stderr[-3000:]
     assert not (out / "train" / "adapter").exists()
+    for name in ("pairs.jsonl", "retain.jsonl"):  # each prompt completed once, over both launches
+        assert (out / name).read_text() == (setup / "single" / name).read_text()
+    cached = [
+        json.loads(x)["hash"] for f in out.glob("unaligned_cache.*.jsonl") for x in f.read_text().splitlines()
+    ]
+    assert len(cached) == len(set(cached)) == 12
+    state = json.loads((out / "run_state.json").read_text())["steps"]
+    assert state["stats"]["world_size"] == 2
+    for layer in (0, 1):
+        one = load_file(str(setup / "single" / "stats" / f"layer_{layer}.safetensors"))
+        two = load_file(str(out / "stats" / f"layer_{layer}.safetensors"))
+        assert torch.equal(one["act_argmax"], two["act_argmax"]) and torch.equal(
+            one["act_max"], two["act_max"]
+        )
+
     # the world size is not part of the run: one process resumes what 2 ranks left, to the same adapter
     shutil.copytree(out, setup / "killed_then_one_process")
-    resumed = run_pipeline(RunConfig.load(setup / "config.json"), setup / "killed_then_one_process")
+    resumed = run_pipeline(RunConfig.load(config), setup / "killed_then_one_process")
     assert resumed.train.resumed_from == 2 and "train" in resumed.steps_run
     one = load_file(str(setup / "killed_then_one_process" / ADAPTER))
-    proc = torchrun("cli", "run", "--config", setup / "config.json", "--out", out)
+    # and the same torchrun command again finishes the run
+    proc = torchrun("cli", "run", "--config", config, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reused: data, pairs, saes, stats, select, subspace, init" in proc.stdout
     log = [json.loads(x) for x in (out / "train" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     reference = load_file(str(two_ranks[0] / ADAPTER))
-    resumed = load_file(str(out / ADAPTER))
+    two = load_file(str(out / ADAPTER))
     for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=ADAPTER_ATOL)
+        torch.testing.assert_close(two[key], reference[key], rtol=0, atol=ADAPTER_ATOL)
         torch.testing.assert_close(one[key], reference[key], rtol=0, atol=ADAPTER_ATOL)
-
-
-def test_a_rank_killed_mid_generation_then_a_rerun_generates_only_what_is_missing(setup, tmp_path):
-    out = tmp_path / "run"
-    # rank 0 dies as its second batch of completions starts: its first batch is in its cache file
-    proc = torchrun("kill-generate", 0, 2, "stats", "--config", setup / "config.json", "--out", out)
-    assert proc.returncode != 0 and not (out / "pairs.jsonl").exists()
-    (rank0_cache,) = out.glob("unaligned_cache.*.rank0.jsonl")
-    assert len(rank0_cache.read_text().splitlines()) == 4  # collect.batch_size
-    proc = torchrun("cli", "stats", "--config", setup / "config.json", "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "pairs.jsonl").read_text() == (setup / "single" / "pairs.jsonl").read_text()
-    assert (out / "retain.jsonl").read_text() == (setup / "single" / "retain.jsonl").read_text()
-    cached = [
-        json.loads(x)["hash"] for f in out.glob("unaligned_cache.*.jsonl") for x in f.read_text().splitlines()
-    ]
-    assert len(cached) == len(set(cached)) == 12  # every prompt completed once, over both runs
-
-
-def test_accelerate_launch_runs_the_same_statistics(setup, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    cli = [
-        str(WORKER),
-        "cli",
-        "stats",
-        "--config",
-        str(setup / "config.json"),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    proc = subprocess.run([*cmd, *cli], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.loads((tmp_path / "run" / "run_state.json").read_text())["steps"]
-    assert state["stats"]["world_size"] == 2
-    for layer in (0, 1):
-        one = load_file(str(setup / "single" / "stats" / f"layer_{layer}.safetensors"))
-        two = load_file(str(tmp_path / "run" / "stats" / f"layer_{layer}.safetensors"))
-        assert torch.equal(one["act_argmax"], two["act_argmax"]) and torch.equal(
-            one["act_max"], two["act_max"]
-        )
 
 
 def test_ranks_with_different_configs_fail_fast_on_every_rank(setup, tmp_path):
@@ -240,7 +231,7 @@ def test_more_ranks_than_training_prompts_is_an_error_on_every_rank(setup, tmp_p
 
 
 def test_the_collective_helpers_and_a_hung_rank_timing_out():
-    proc = torchrun("helpers", env={distributed.TIMEOUT_ENV: "3"}, timeout=120)
+    proc = torchrun("helpers", env={distributed.TIMEOUT_ENV: "2"}, timeout=120)
     out = proc.stdout
     for r in (0, 1):
         assert f"check_same [{r}]: settings differs between ranks; every rank must get the same " \
@@ -248,7 +239,7 @@ def test_the_collective_helpers_and_a_hung_rank_timing_out():
         assert f"argmax [{r}]: [4, 6, 1] seen 12" in out
     assert "on_main [0]: invalid literal for int()" in out
     assert "on_main [1]: rank 0 failed: invalid literal for int()" in out
-    assert re.search(r"timeout \[0\] after [3-9] s", out), out + proc.stderr[-2000:]
+    assert re.search(r"timeout \[0\] after [2-5] s", out), out + proc.stderr[-2000:]
 
 
 def test_the_single_process_helpers_are_the_identity():
@@ -281,8 +272,8 @@ def test_compare_deals_its_method_seed_cells_to_the_ranks(setup, tmp_path):
 def test_a_damaged_artifact_is_an_error_on_every_rank(two_ranks, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(two_ranks[0], out)
-    path = out / "selection.safetensors"
-    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    path = out / "data.json"
+    path.write_text(path.read_text() + "]")
     proc = torchrun("cli", "select", "--config", out / "config.json", "--out", out)
     lines = errors(proc)
     assert len(lines) == 2, proc.stderr[-3000:]
