@@ -281,3 +281,44 @@ def test_a_damaged_artifact_is_an_error_on_every_rank(two_ranks, tmp_path):
     assert lines[1].startswith(
         f"sails-fast: error: [rank 1/2] rank 0 failed: {path}: does not match the checksum"
     )
+
+
+def test_each_rank_takes_an_equal_share_of_the_global_batch(monkeypatch):
+    from sails_fast.training.data_parallel import rank_share
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert rank_share([5, 3, 8, 1, 0, 9], batch_size=3, grad_accum_steps=2) == [1, 0, 9]
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    with pytest.raises(
+        ValueError, match=r"batch_size \* train.grad_accum_steps = 6 examples .* over 4 ranks"
+    ):
+        rank_share(list(range(6)), batch_size=3, grad_accum_steps=2)
+
+
+def test_one_process_reuses_the_completions_ranks_cached(tmp_path):
+    from tiny import tiny_llama, tiny_tokenizer
+
+    from sails_fast.pairs.config import CollectConfig
+    from sails_fast.pairs.generation import (
+        CACHE_FORMAT,
+        _generation_settings,
+        generate_unaligned,
+        prompt_hash,
+    )
+
+    model, tok = tiny_llama(), tiny_tokenizer(padding_side="left")
+    config = CollectConfig(max_new_tokens=3, progress=False)
+    prompts = ["first prompt", "second prompt", "third prompt"]
+    settings = _generation_settings(model, config)
+    cache = tmp_path / "unaligned_cache.key.jsonl"
+    for r, part in enumerate((prompts[:2], prompts[2:])):  # what 2 ranks wrote before a kill
+        records = [
+            {"format": CACHE_FORMAT, "hash": prompt_hash(p), "response": f"cached {p}", "settings": settings}
+            for p in part
+        ]
+        cache.with_name(f"unaligned_cache.key.rank{r}.jsonl").write_text(
+            "".join(json.dumps(x) + "\n" for x in records)
+        )
+    model.generate = None  # nothing may be generated again
+    assert generate_unaligned(model, tok, prompts, config, cache) == [f"cached {p}" for p in prompts]
