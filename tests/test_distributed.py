@@ -265,8 +265,12 @@ def test_compare_deals_its_method_seed_cells_to_the_ranks(setup, tmp_path):
     assert sorted(done) == [("0", "sails", "0"), ("1", "lora", "0")]
     for method in ("sails", "lora"):
         assert (tmp_path / "out" / "runs" / method / "seed0" / "result.json").is_file()
-    assert proc.stdout.count("wrote ") == len(re.findall(r"^wrote ", proc.stdout, re.M)) >= 3
-    assert proc.stdout.count("| method |") == 1  # rank 0 prints the summary, once
+    # rank 0 writes the tables and plots and prints the summary, once
+    wrote = re.findall(r"^wrote \S+/(\S+)$", proc.stdout, re.M)
+    assert sorted(wrote) == sorted(
+        p.name for p in (tmp_path / "out").glob("compare*.*") if p.name != "compare_config.json"
+    )
+    assert len(wrote) == len(set(wrote)) >= 5 and proc.stdout.count("| method |") == 1
 
 
 def test_a_damaged_artifact_is_an_error_on_every_rank(two_ranks, tmp_path):

@@ -318,3 +318,14 @@ def test_embedded_sae_on_smollm2(tmp_path):
     assert metrics["explained_variance"] > 0.3 and metrics["l0"] <= 32
     again = embedded_sae(15, tmp_path, config=cfg)
     assert again.path == path and torch.equal(again.weights.W_dec, sae.W_dec)
+
+
+def test_autocast_auto_follows_the_cpu_bf16_support(monkeypatch):
+    import sails_fast.models.loading as loading
+
+    for fast in (True, False):
+        monkeypatch.setattr(loading, "fast_bf16_on_cpu", lambda fast=fast: fast)
+        assert SAETrainingConfig().resolved_autocast() is fast  # "auto" is the default
+        assert SAETrainingConfig(autocast=False).resolved_autocast() is False
+    with pytest.raises(ValueError, match='autocast: expected a bool or "auto"'):
+        SAETrainingConfig(autocast="yes")

@@ -114,7 +114,7 @@ def embedded_sae(
     *,
     model: nn.Module | None = None,
     tokenizer=None,
-    model_dtype: torch.dtype = torch.bfloat16,
+    model_dtype: torch.dtype | None = None,
     verbose: bool = True,
 ) -> EmbeddedSAE:
     """The SAE for layer `layer` of the embedded SmolLM2-135M-Instruct: trained once, then loaded.
@@ -130,7 +130,8 @@ def embedded_sae(
         config: SAETrainingConfig; default SAETrainingConfig().
         model, tokenizer: use these instead of loading the embedded model (the cache key then uses
             the model's `name_or_path` and dtype); both or neither.
-        model_dtype: dtype the embedded model is loaded in for collection (bf16: ~5x faster on CPU).
+        model_dtype: dtype the embedded model is loaded in for collection; default bf16 where this CPU has
+            a fast bf16 matmul (~5x faster than fp32 there), else fp32 (bf16 is ~100x slower there).
         verbose: print timings and metrics.
 
     Returns:
@@ -150,6 +151,10 @@ def embedded_sae(
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"layer: expected an int >= 0, got {layer!r}")
     root = resolve_cache_dir(cache_dir)
+    if model_dtype is None:
+        from sails_fast.models.loading import fast_bf16_on_cpu
+
+        model_dtype = torch.bfloat16 if fast_bf16_on_cpu() else torch.float32
     if model is None:
         model_key = embedded_model_path(root, verbose=verbose).name
         dtype_name = str(model_dtype).removeprefix("torch.")
@@ -161,7 +166,9 @@ def embedded_sae(
         text_key = f"default-v{DEFAULT_TEXTS_VERSION}"
     else:
         text_key = texts_fingerprint(_check_texts(texts))
-    key_src = json.dumps({"config": config.to_dict(), "texts": text_key, "dtype": dtype_name}, sort_keys=True)
+    # the key holds what the training does on this machine ("auto" autocast decided)
+    trained_as = {**config.to_dict(), "autocast": config.resolved_autocast()}
+    key_src = json.dumps({"config": trained_as, "texts": text_key, "dtype": dtype_name}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     final = root / "saes" / model_key / f"layer{layer}-{config.architecture}-{key}"
 

@@ -76,7 +76,8 @@ class SAETrainingConfig(ConfigBase):
         collect_batch_size: texts per model forward when collecting activations.
         eval_fraction: share of texts (not tokens) held out for the metrics.
         autocast: train under bf16 autocast (about 2x faster on CPUs with AVX512-BF16; the weights and
-            the metrics stay fp32).
+            the metrics stay fp32). "auto": where this CPU has a fast bf16 matmul
+            (`sails_fast.models.loading.fast_bf16_on_cpu`); elsewhere bf16 is ~100x slower than fp32.
         seed: seeds the held-out split, the SAE initialisation and the batch order.
 
     Example:
@@ -97,7 +98,7 @@ class SAETrainingConfig(ConfigBase):
     collect_tokens: int | None = 120_000
     collect_batch_size: int = 16
     eval_fraction: float = 0.1
-    autocast: bool = True
+    autocast: bool | str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,8 +127,14 @@ class SAETrainingConfig(ConfigBase):
             )
         if not _is_real(self.eval_fraction) or not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: expected a float in (0, 1), got {self.eval_fraction!r}")
-        if not isinstance(self.autocast, bool):
-            raise ValueError(f"autocast: expected a bool, got {self.autocast!r}")
+        if not isinstance(self.autocast, bool) and self.autocast != "auto":
+            raise ValueError(f'autocast: expected a bool or "auto", got {self.autocast!r}')
+
+    def resolved_autocast(self) -> bool:
+        """`autocast` with "auto" decided for this CPU."""
+        from sails_fast.models.loading import fast_bf16_on_cpu
+
+        return fast_bf16_on_cpu() if self.autocast == "auto" else bool(self.autocast)
 
     @property
     def sparsity(self) -> float:
@@ -360,7 +367,7 @@ def fit_sae(x_train: torch.Tensor, x_eval: torch.Tensor, config: SAETrainingConf
         lr_warm_up_steps=steps // 20,
         lr_decay_steps=0,
         device="cpu",
-        autocast=config.autocast,
+        autocast=config.resolved_autocast(),
         dead_feature_window=config.dead_feature_window,
         feature_sampling_window=steps + 1,
     )
