@@ -326,3 +326,39 @@ def test_one_process_reuses_the_completions_ranks_cached(tmp_path):
         )
     model.generate = None  # nothing may be generated again
     assert generate_unaligned(model, tok, prompts, config, cache) == [f"cached {p}" for p in prompts]
+
+
+def test_fsdp_training_with_a_killed_rank_resumes_to_the_single_process_adapter(setup, tmp_path):
+    """train.parallel "fsdp": the 4-bit base sharded over the ranks (with gradient checkpointing); rank 1
+    killed after optimizer step 3, then the same command resumes from checkpoint 2 and finishes."""
+    out = tmp_path / "fsdp"
+    shutil.copytree(setup / "single", out)  # the steps up to init are reused; train and eval run again
+    config = json.loads((setup / "config.json").read_text())
+    config["sails"]["train"].update(parallel="fsdp", gradient_checkpointing=True)
+    (tmp_path / "fsdp.json").write_text(json.dumps(config))
+    args = ("run", "--config", tmp_path / "fsdp.json", "--out", out)
+    proc = torchrun("kill-rank", 1, 3, *args, "--force")  # --force: the changed train config is meant
+    assert proc.returncode != 0
+    assert (out / "train" / "checkpoints" / "step-00000002").is_dir(), proc.stderr[-3000:]
+    assert not (out / "train" / "adapter").exists()
+
+    proc = torchrun("cli", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reused: data, pairs, saes, stats, select, subspace, init" in proc.stdout
+    log = [json.loads(x) for x in (out / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    # each rank held about half the frozen base (the embedding, norms and 4-bit weights, split by rows)
+    sharding = json.loads((out / "train" / "sharding.json").read_text())
+    assert sharding["world_size"] == 2
+    for rank in sharding["ranks"]:
+        assert 0.4 < rank["frozen_bytes"] / rank["frozen_bytes_whole"] <= 0.6, sharding
+    one, two = load_file(str(setup / "single" / ADAPTER)), load_file(str(out / ADAPTER))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=ADAPTER_ATOL)
+    # evaluation ran the whole model with the trained adapter on every rank, as the single process did
+    one, two = (json.loads((d / "eval_after.json").read_text()) for d in (setup / "single", out))
+    for s in one["sets"]:
+        assert [r["response"] for r in two["sets"][s]["records"]] == [
+            r["response"] for r in one["sets"][s]["records"]
+        ]

@@ -94,6 +94,7 @@ def test_unknown_keys_rejected(data, needle):
         (lambda: SailsConfig(collect=SelectConfig()), r"SailsConfig\.collect"),
         (lambda: SailsConfig(train=3), r"SailsConfig\.train"),
         (lambda: SailsConfig.from_dict({"collect": {"pooling": "max"}}), r"pooling"),
+        (lambda: SailsConfig.from_dict({"train": {"parallel": "zero3"}}), r"parallel.*'ddp' or 'fsdp'"),
     ],
 )
 def test_bad_values_name_the_field(make, needle):

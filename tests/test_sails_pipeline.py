@@ -101,7 +101,7 @@ def test_pipeline_runs_every_step_then_reuses_them(tiny_assets, tmp_path):
     assert (out / "report" / "report.html").exists()
 
 
-def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path):
+def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_pipeline(tiny_config(*tiny_assets), out, until="select")
     changed = tiny_config(*tiny_assets)
@@ -109,8 +109,26 @@ def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match=r"step\(s\) select computed with another configuration "
                        r"\(sails.select.top_k: 8 -> 5\)"):  # fmt: skip
         run_pipeline(changed, out, until="select")
-    forced = run_pipeline(changed, out, until="select", force=True)
-    assert forced.steps_run == ["select"] and "stats" in forced.steps_reused
+    # a forced run that dies in the changed step leaves no record of the old config: the rerun goes on
+    # without --force (the old selection was going to be replaced anyway)
+    with monkeypatch.context() as patch:
+        patch.setattr("sails_fast.selection.select.select_features", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run_pipeline(changed, out, until="select", force=True)
+    again = run_pipeline(changed, out, until="select")
+    assert again.steps_run == ["select"] and "stats" in again.steps_reused
+
+
+def test_every_train_key_that_changes_the_adapter_changes_its_fingerprint():
+    base = step_fingerprints(RunConfig())
+    for key, value in (("batch_size", 8), ("grad_accum_steps", 2), ("seed", 1)):
+        other = step_fingerprints(RunConfig.from_dict({"sails": {"train": {key: value}}}))
+        assert other["train"] != base["train"], key
+    # how the work is split or shown changes no number: the same fingerprints
+    for section, key, value in (("collect", "batch_size", 2), ("train", "parallel", "fsdp"),
+                                ("train", "progress", False), ("train", "loss_chunk_tokens", 64)):  # fmt: skip
+        other = step_fingerprints(RunConfig.from_dict({"sails": {section: {key: value}}}))
+        assert other == base, (section, key)
 
 
 def test_fingerprints_chain_downstream():

@@ -50,13 +50,19 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# config keys that change no result beyond rounding: progress bars, backends, batch sizes, resume, the
-# loss chunk (summation order)
-_RESULT_FREE = {"progress", "backend", "batch_size", "judge_batch_size", "resume", "loss_chunk_tokens"}
+# config keys that change no result beyond rounding: progress bars, backends, batch sizes of inference,
+# resume, the loss chunk (summation order), how training is split over ranks
+_RESULT_FREE = {
+    "progress", "backend", "batch_size", "judge_batch_size", "resume", "loss_chunk_tokens", "parallel",
+}  # fmt: skip
+# training's batch size is its optimizer step's size (with grad_accum_steps): it changes the adapter
+_TRAIN_RESULT_FREE = _RESULT_FREE - {"batch_size"}
 
 
-def _own(section: dict, prefix: str, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    picked = {k: v for k, v in section.items() if k not in _RESULT_FREE and (keys is None or k in keys)}
+def _own(
+    section: dict, prefix: str, keys: tuple[str, ...] | None = None, free: set[str] = _RESULT_FREE
+) -> dict[str, Any]:
+    picked = {k: v for k, v in section.items() if k not in free and (keys is None or k in keys)}
     return flatten(picked, prefix)
 
 
@@ -76,7 +82,7 @@ def step_configs(config: RunConfig, judge: str | None = None) -> dict[str, dict[
         "select": _own(sails["select"], "sails.select"),
         "subspace": _own(sails["subspace"], "sails.subspace"),
         "init": {**_own(model, "model"), **_own(sails["init"], "sails.init")},
-        "train": _own(sails["train"], "sails.train"),
+        "train": _own(sails["train"], "sails.train", free=_TRAIN_RESULT_FREE),
         "eval": {**_own(c["eval"], "eval"), "judge": judge},
         "report": {},
     }

@@ -232,6 +232,7 @@ def run_pipeline(
         state.check(wanted, _previous_config(out_dir))
         _check_writable(out_dir)
         config.save(out_dir / CONFIG_FILE)
+        state.drop_forced()
 
     distributed.on_main(check_and_start)
     run = _Run(config, out_dir, state, sources, data, judge)
@@ -403,9 +404,13 @@ class _Run:
             return train(self.peft_model, self.tokenizer, examples, self.config.sails.train, train_dir)
 
         def load_train():
+            if shards_training(self.config):  # the model is dropped below: eval loads its own
+                return train_dir / "adapter"
             return _load_trained_adapter(self.peft_model, train_dir / "adapter")
 
         self.result.train = self.step("train", make_train, load_train, shared=True)
+        if shards_training(self.config):
+            self.peft_model = None  # sharded by training (or, reused, in host memory): eval loads its own
 
     def eval_step(self) -> None:
         out_dir = self.out_dir
@@ -413,8 +418,11 @@ class _Run:
         def make_eval():
             for stale in out_dir.glob("eval_*.json") if distributed.is_main() else []:
                 stale.unlink()
+            peft_model = self.peft_model
+            if peft_model is None:  # after sharded training: every rank evaluates a whole model
+                peft_model = _whole_peft_model(self.config, self.model_path, out_dir / "train" / "adapter")
             return _evaluate(
-                self.peft_model, self.tokenizer, self.data, self.config, self.model_path, out_dir, self.judge
+                peft_model, self.tokenizer, self.data, self.config, self.model_path, out_dir, self.judge
             )
 
         self.result.before, self.result.after = self.step(
@@ -463,8 +471,16 @@ def _clear_stale_training(train_dir: Path, key: str, restart: bool) -> None:
     write_json_atomic(key_file, {"key": key})
 
 
-def load_training_base(config: RunConfig, model_path: str):
-    """The base the adapters train on: 4-bit NF4 (bitsandbytes) or full precision, per `model.quantize`."""
+def shards_training(config: RunConfig) -> bool:
+    """Whether the training step shards its base over the ranks (train.parallel "fsdp" under torchrun)."""
+    return config.sails.train.parallel == "fsdp" and distributed.world_size() > 1
+
+
+def load_training_base(config: RunConfig, model_path: str, *, for_sharding: bool = False):
+    """The base the adapters train on: 4-bit NF4 (bitsandbytes) or full precision, per `model.quantize`.
+
+    `for_sharding` leaves it in host memory: FSDP moves each rank's shard to its device, so the whole base
+    never lands on one."""
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, config.model.compute_dtype)
@@ -472,9 +488,11 @@ def load_training_base(config: RunConfig, model_path: str):
         from sails_fast.models.loading import load_base_4bit
 
         return load_base_4bit(
-            model_path, compute_dtype=dtype, gradient_checkpointing=config.sails.train.gradient_checkpointing
-        )
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(default_device())
+            model_path, compute_dtype=dtype, gradient_checkpointing=config.sails.train.gradient_checkpointing,
+            device_map="cpu" if for_sharding else None,
+        )  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return base if for_sharding else base.to(default_device())
 
 
 def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, step) -> Any:
@@ -485,7 +503,7 @@ def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Pat
 
     from sails_fast.lora_init.init import init_lora_from_subspace, make_lora_config
 
-    base = load_training_base(config, model_path)
+    base = load_training_base(config, model_path, for_sharding=shards_training(config))
     lora_config = make_lora_config(config.sails.init, rank=config.sails.subspace.rank)
     peft_model = get_peft_model(base, lora_config)
 
@@ -497,6 +515,18 @@ def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Pat
 
     load = lambda: init_lora_from_subspace(peft_model, subspace, config.sails.init)  # noqa: E731
     step("init", make_init, load, shared=True)
+    return peft_model
+
+
+def _whole_peft_model(config: RunConfig, model_path: str, adapter_dir: Path) -> Any:
+    """The training base on this rank's device with the LoRA layers holding the trained adapter."""
+    from peft import get_peft_model
+
+    from sails_fast.lora_init.init import make_lora_config
+
+    base = load_training_base(config, model_path)
+    peft_model = get_peft_model(base, make_lora_config(config.sails.init, rank=config.sails.subspace.rank))
+    _load_trained_adapter(peft_model, adapter_dir)
     return peft_model
 
 

@@ -104,6 +104,7 @@ class RunState:
         self.done: dict[str, dict] = {}
         self.legacy = False
         self.reasons: dict[str, str] = {}
+        self.forced: list[str] = []
         if self.path.exists():
             self._read()
 
@@ -142,6 +143,7 @@ class RunState:
                 f"configuration ({'; '.join(self._config_changes(changed))}); use a new output directory, "
                 "or --force (force=True) to recompute them and every step after them"
             )
+        self.forced = changed
         for s in wanted:
             record = self.done.get(s)
             if self.rerun(s):
@@ -157,6 +159,14 @@ class RunState:
                     if record.get("inputs", {}).get(name) != digest
                 ]
                 self.reasons[s] = f"input changed since the last run: {', '.join(names) or 'unknown'}"
+
+    def drop_forced(self) -> None:
+        """Forget the records of the steps `check` let `force` recompute (once the run has started): a
+        forced run killed before they finish is then rerun without --force, as a run never recorded."""
+        if self.forced:
+            for s in self.forced:
+                self.done.pop(s, None)
+            write_json_atomic(self.path, {"format": STATE_FORMAT, "steps": self.done})
 
     def _config_changes(self, steps: Sequence[str]) -> list[str]:
         """The changed keys of these steps' own configs ("select.top_k: 8 -> 5"), each once."""

@@ -22,7 +22,9 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 # fields that do not change the numbers a run produces: may differ between a run and its resumption
 # config keys a resumed run may change: bookkeeping, and the loss chunk (summation order only)
-_RESUME_FREE = ("progress", "keep_checkpoints", "log_every", "save_every", "resume", "loss_chunk_tokens")
+_RESUME_FREE = (
+    "progress", "keep_checkpoints", "log_every", "save_every", "resume", "loss_chunk_tokens", "parallel",
+)  # fmt: skip
 
 
 # ----- checkpoints

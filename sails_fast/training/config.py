@@ -40,6 +40,10 @@ class TrainConfig(ConfigBase):
             "auto" (default): on a GPU, where they pay; on CPU the fused op's backend would be the plain
             reference, which gains nothing over PEFT's own path, so PEFT's path is kept there.
         backend: passed to `fuse_lora` ("auto", "triton", "torch").
+        parallel: how several ranks (torchrun) train: "ddp" (default), a whole model on every rank with
+            the LoRA gradients averaged; "fsdp", the frozen base sharded over the ranks (each holds 1/N
+            of its weights; for bases that do not fit one device). Both give the single-process result up
+            to summation order; one process ignores it. See `sails_fast.training.fully_sharded`.
         resume: continue from the newest checkpoint in out_dir; False refuses an out_dir that has one.
         progress: show a tqdm progress bar.
 
@@ -69,6 +73,7 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     fused: bool | Literal["auto"] = "auto"
     backend: Literal["auto", "triton", "torch"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     resume: bool = True
     progress: bool = True
 
@@ -117,6 +122,8 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.fused, bool) or self.fused == "auto"):
             raise ValueError(f"fused: expected True, False or 'auto', got {self.fused!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {self.backend!r}")
 

@@ -1,4 +1,5 @@
-"""Training over several ranks with torch's DistributedDataParallel (one model replica per rank).
+"""Training over several ranks: DistributedDataParallel (one model replica per rank), or with the frozen
+base sharded (`TrainConfig.parallel="fsdp"`, `sails_fast.training.fully_sharded`).
 
 `TrainConfig.batch_size * grad_accum_steps` examples make one optimizer step whatever the world size:
 each of the N ranks takes a contiguous 1/N of them, in micro-batches of `batch_size`, and the loss is
@@ -47,15 +48,22 @@ def rank_share(indices: list[int], batch_size: int, grad_accum_steps: int) -> li
 
 
 class StepLoss:
-    """Forward + backward of micro-batches, through DDP when several ranks train.
+    """Forward + backward of micro-batches, through DDP or FSDP when several ranks train.
 
-    Gradients are synchronised once per optimizer step, in the backward of its last micro-batch."""
+    Gradients are synchronised once per optimizer step, in the backward of its last micro-batch. With
+    `parallel="fsdp"` the model is sharded in place (it stays so: rebuild it to use it on one rank)."""
 
-    def __init__(self, peft_model: nn.Module, chunk_tokens):
+    def __init__(self, peft_model: nn.Module, chunk_tokens, parallel: str = "ddp", device=None):
         self.world = distributed.world_size()
         module = _LossModule(peft_model, chunk_tokens)
         self.module: nn.Module = module
-        if self.world > 1:
+        self.sharded_params: list[nn.Parameter] | None = None
+        self.device = device  # where inputs go, when sharded (the embedding is a DTensor then)
+        if self.world > 1 and parallel == "fsdp":
+            from sails_fast.training.fully_sharded import shard_for_training
+
+            self.sharded_params = shard_for_training(module, device)
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
@@ -67,6 +75,14 @@ class StepLoss:
 
     def backward(self, batch: list[torch.Tensor], step_tokens: int, last: bool) -> float:
         """Backward of one micro-batch's loss / the step's tokens (all ranks); its summed loss."""
+        if self.sharded_params is not None:
+            loss_sum, _ = self.module(*batch)
+            (loss_sum / step_tokens).backward()
+            if last:  # the LoRA gradients, whole on every rank, summed over the ranks
+                from sails_fast.training.fully_sharded import all_reduce_gradients
+
+                all_reduce_gradients(self.sharded_params)
+            return float(loss_sum.item())
         sync = self.module.no_sync() if self.world > 1 and not last else nullcontext()
         with sync:
             loss_sum, _ = self.module(*batch)
@@ -75,5 +91,5 @@ class StepLoss:
         return float(loss_sum.item())
 
     def close(self) -> None:
-        """Drop the DDP wrapper (its gradient hooks go with it)."""
+        """Drop the DDP wrapper (its gradient hooks go with it; FSDP's sharding stays)."""
         self.module = None

@@ -148,6 +148,8 @@ def train(
     N, B, A = len(encoded), config.batch_size, config.grad_accum_steps
     total = config.total_steps(N)
     data_order = _data_order(N, total, config)
+    # FSDP moves the model onto the device as it shards it: before the optimizer state is made or loaded
+    step_loss = _step_loss(peft_model, params, config, on_step)
     optimizer, scheduler = _optimizer(params, config, total)
 
     run_config = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
@@ -158,7 +160,11 @@ def train(
     writer = distributed.is_main()
     if writer:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    fuse_text = _fuse(peft_model, config, out)
+    if step_loss.sharded_params is None:
+        fuse_text = _fuse(peft_model, config, out)
+    else:
+        fuse_text = None  # the fused LoRA layers take whole base weights: PEFT's path under FSDP
+        _write_sharding(peft_model, out)
     # what every checkpoint records of the run, besides its step, data order and loss
     run_record = {
         "format": CHECKPOINT_FORMAT, "total_steps": total, "config": run_config,
@@ -169,11 +175,10 @@ def train(
     enabled_ckpt = _enable_checkpointing(base, config)
     was_training = peft_model.training
     peft_model.train()
-    device = _input_device(peft_model, params)
+    device = step_loss.device or _input_device(peft_model, params)
     bar = tqdm(
         total=total, initial=start, desc="train", unit="step", disable=not (config.progress and writer)
     )
-    step_loss = StepLoss(peft_model, config.loss_chunk_tokens)
     try:
         with log_path.open("a") if writer else open(os.devnull, "w") as log:
             for step in range(start, total):
@@ -205,6 +210,35 @@ def train(
     adapter_dir = _save_adapter(peft_model, out) if writer else out / "adapter"
     distributed.barrier()  # the adapter is on disk before any rank reads it
     return TrainResult(adapter_dir, total, final_loss, log_path, resumed_from, fuse_text)
+
+
+def _step_loss(peft_model: nn.Module, params: list, config: TrainConfig, on_step) -> StepLoss:
+    """The micro-batches' forward and backward: one process, DDP, or FSDP (`config.parallel`)."""
+    if config.parallel == "fsdp" and distributed.world_size() > 1:
+        if on_step is not None:
+            raise ValueError(
+                "on_step: not supported with train.parallel='fsdp' (the sharded model runs only inside "
+                "the training step); use train.parallel='ddp'"
+            )
+        if config.fused is True:
+            raise ValueError(
+                "train.fused=True: the fused LoRA layers do not take FSDP-sharded base weights; use "
+                "train.fused='auto' or False with train.parallel='fsdp'"
+            )
+        from sails_fast.models.loading import default_device
+
+        return StepLoss(peft_model, config.loss_chunk_tokens, "fsdp", default_device())
+    return StepLoss(peft_model, config.loss_chunk_tokens)
+
+
+def _write_sharding(peft_model: nn.Module, out: Path) -> None:
+    """sharding.json: each rank's share of the frozen base (FSDP), written by rank 0."""
+    from sails_fast.training.fully_sharded import shard_sizes
+
+    ranks = distributed.gather(shard_sizes(peft_model))
+    if distributed.is_main():
+        record = {"parallel": "fsdp", "world_size": len(ranks), "ranks": ranks}
+        (out / "sharding.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _input_device(peft_model: nn.Module, params: list) -> torch.device:

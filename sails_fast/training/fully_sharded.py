@@ -1,0 +1,81 @@
+"""Training with the frozen base sharded over the ranks (FSDP2, `torch.distributed.fsdp.fully_shard`), for
+bases whose weights do not fit one device next to the activations.
+
+Each decoder layer is one FSDP unit and the rest of the model (embeddings, final norm, head) the root unit:
+a rank holds 1/N of the base's weights and all-gathers one layer's at a time, in the forward and again in
+the backward. The LoRA parameters are left out of FSDP (`ignored_params`): they are a few MB, so every rank
+keeps a whole copy and its optimizer state, their gradients are summed over the ranks with one all-reduce
+per optimizer step, and checkpoints and the saved adapter are the plain tensors of the DDP path. The result
+equals the single-process run up to summation order, as with DDP.
+
+A 4-bit base (bitsandbytes NF4) is sharded as it is: FSDP2 all-gathers each parameter's bytes, so the
+packed uint8 weights need no `bnb_4bit_quant_storage` (that is FSDP1's flat-parameter constraint). The
+layer's `quant_state` stays on the module, where bitsandbytes' `Linear4bit.forward` finds it again for the
+all-gathered weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (transformers' `_no_split_modules` classes): the FSDP units."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"train.parallel='fsdp': found no decoder layers to shard in {type(model).__name__} (it names "
+            "no _no_split_modules); use train.parallel='ddp'"
+        )
+    return layers
+
+
+def shard_for_training(root: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """Shard `root`'s frozen parameters over the default process group, in place: each decoder layer, then
+    the root. Returns the trainable parameters, left whole on every rank and moved to `device`."""
+    from torch.distributed.fsdp import fully_shard
+
+    trainable = [p for p in root.parameters() if p.requires_grad]
+    for p in trainable:  # FSDP moves what it shards; the parameters it ignores are ours to place
+        p.data = p.data.to(device)
+    ignored = set(trainable)
+    for layer in decoder_layers(root):
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(root, ignored_params=ignored)
+    for module in root.modules():
+        quant_state = getattr(module, "quant_state", None)
+        if quant_state is not None and hasattr(quant_state, "to"):
+            quant_state.to(device)  # bitsandbytes' QuantState moves in place
+    return trainable
+
+
+def shard_sizes(root: nn.Module) -> dict[str, int]:
+    """{"frozen_bytes": the frozen parameters' bytes on this rank, "frozen_bytes_whole": theirs in the whole
+    model}: what sharding saved."""
+    from torch.distributed.tensor import DTensor
+
+    local = whole = 0
+    for p in root.parameters():
+        if p.requires_grad:
+            continue
+        whole += p.numel() * p.element_size()
+        part = p.to_local() if isinstance(p, DTensor) else p
+        local += part.numel() * part.element_size()
+    return {"frozen_bytes": local, "frozen_bytes_whole": whole}
+
+
+def all_reduce_gradients(params: list[nn.Parameter]) -> None:
+    """Sum the parameters' gradients over the ranks, in one flat all-reduce (a missing gradient is zero)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True)
+        offset += g.numel()
