@@ -119,6 +119,32 @@ def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path, monkeypa
     assert again.steps_run == ["select"] and "stats" in again.steps_reused
 
 
+def test_a_run_recorded_before_a_key_was_fingerprinted_is_reused_when_its_config_had_the_value(
+    tiny_assets, tmp_path
+):
+    """sails.train.batch_size joined the train fingerprint later: runs recorded before are not 'changed'
+    when their config.json shows today's value, and are refused when it shows another."""
+    config, out = tiny_config(*tiny_assets), tmp_path / "run"
+    run_pipeline(config, out, until="train")
+    state_path = out / "run_state.json"
+    state = json.loads(state_path.read_text())
+    for step in ("train",):  # as an earlier sails_fast recorded it: no batch_size, another key
+        del state["steps"][step]["config"]["sails.train.batch_size"]
+        state["steps"][step]["config_key"] = state["steps"][step]["fingerprint"] = "earlier"
+    state_path.write_text(json.dumps(state))
+    again = run_pipeline(config, out, until="train")
+    assert again.steps_run == [] and "train" in again.steps_reused
+    assert "sails.train.batch_size" in json.loads(state_path.read_text())["steps"]["train"]["config"]
+
+    state_path.write_text(json.dumps(state))
+    recorded = json.loads((out / "config.json").read_text())
+    recorded["sails"]["train"]["batch_size"] = 2
+    (out / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"step\(s\) train computed with another configuration "
+                       r"\(sails.train.batch_size: \"<unset>\" -> 4\)"):  # fmt: skip
+        run_pipeline(config, out, until="train")
+
+
 def test_every_train_key_that_changes_the_adapter_changes_its_fingerprint():
     base = step_fingerprints(RunConfig())
     for key, value in (("batch_size", 8), ("grad_accum_steps", 2), ("seed", 1)):

@@ -232,7 +232,7 @@ def run_pipeline(
         state.check(wanted, _previous_config(out_dir))
         _check_writable(out_dir)
         config.save(out_dir / CONFIG_FILE)
-        state.drop_forced()
+        state.start()
 
     distributed.on_main(check_and_start)
     run = _Run(config, out_dir, state, sources, data, judge)

@@ -104,7 +104,8 @@ class RunState:
         self.done: dict[str, dict] = {}
         self.legacy = False
         self.reasons: dict[str, str] = {}
-        self.forced: list[str] = []
+        self.forced: list[str] = []  # recorded with another config, recomputed by force
+        self.adopted: list[str] = []  # recorded with fewer fingerprinted keys, all at today's values
         if self.path.exists():
             self._read()
 
@@ -137,6 +138,7 @@ class RunState:
         changed = [
             s for s in wanted if s in self.done and self.done[s].get("config_key") != self.config_keys[s]
         ]
+        changed = self._adopt_new_keys(changed, previous_config)
         if changed and not self.force:
             raise ValueError(
                 f"out_dir: {self.out_dir} holds step(s) {', '.join(changed)} computed with another "
@@ -160,12 +162,32 @@ class RunState:
                 ]
                 self.reasons[s] = f"input changed since the last run: {', '.join(names) or 'unknown'}"
 
-    def drop_forced(self) -> None:
-        """Forget the records of the steps `check` let `force` recompute (once the run has started): a
-        forced run killed before they finish is then rerun without --force, as a run never recorded."""
-        if self.forced:
-            for s in self.forced:
-                self.done.pop(s, None)
+    def _adopt_new_keys(self, changed: list[str], previous: Mapping[str, Any] | None) -> list[str]:
+        """The changed steps less those recorded by an earlier sails_fast that fingerprinted fewer keys, where
+        every key their record lacks has today's value in the run's config.json (`previous`) and nothing
+        else changed: their records are brought up to today's keys (written by `start`)."""
+        still = []
+        for s in changed:
+            record, now = self.done[s], self.configs[s]
+            old = record.get("config", {})
+            same = all(now.get(k) == v for k, v in old.items() if k in now) and all(
+                k in old or (previous is not None and k in previous and previous[k] == v)
+                for k, v in now.items()
+            )
+            upstream_kept = all(d not in still for d in self.depends.get(s, ()))
+            if same and upstream_kept and record.get("inputs") == self.inputs[s]:
+                record.update(config=now, config_key=self.config_keys[s], fingerprint=self.fingerprints[s])
+                self.adopted.append(s)
+            else:
+                still.append(s)
+        return still
+
+    def start(self) -> None:
+        """Once the run starts: write the records `check` brought up to date, and forget those of the steps
+        it let `force` recompute, so a forced run killed before they finish reruns without --force."""
+        for s in self.forced:
+            self.done.pop(s, None)
+        if self.forced or self.adopted:
             write_json_atomic(self.path, {"format": STATE_FORMAT, "steps": self.done})
 
     def _config_changes(self, steps: Sequence[str]) -> list[str]:
