@@ -255,8 +255,10 @@ def test_old_import_path_warns_and_forwards_to_the_same_objects(old):
 
 def test_step_fingerprints_unchanged():
     """The same config gives the same step fingerprints as before the reshape (tests/data, taken then), so
-    existing run directories are reused, not recomputed. Config keys added since (loss_chunk_tokens) change
-    no result and are left out of the fingerprints."""
+    existing run directories are reused, not recomputed. Config keys added since (loss_chunk_tokens,
+    train.parallel) change no result and are left out of the fingerprints. sails.train.batch_size joined
+    the train fingerprint on purpose (it sets the optimizer step); a run recorded before is brought up to
+    date when its config.json shows today's value (RunState._adopt_new_keys)."""
     from sails_fast.pipeline.config import RunConfig
     from sails_fast.pipeline.fingerprints import step_configs, step_fingerprints
     from sails_fast.pipeline.state import stable_hash

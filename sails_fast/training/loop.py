@@ -160,11 +160,7 @@ def train(
     writer = distributed.is_main()
     if writer:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if step_loss.sharded_params is None:
-        fuse_text = _fuse(peft_model, config, out)
-    else:
-        fuse_text = None  # the fused LoRA layers take whole base weights: PEFT's path under FSDP
-        _write_sharding(peft_model, out)
+    fuse_text = _fuse(peft_model, config, out, step_loss)
     # what every checkpoint records of the run, besides its step, data order and loss
     run_record = {
         "format": CHECKPOINT_FORMAT, "total_steps": total, "config": run_config,
@@ -331,8 +327,12 @@ def _resume(
     return state
 
 
-def _fuse(peft_model: nn.Module, config: TrainConfig, out: Path) -> str | None:
-    """Route the LoRA layers through the fused ops when the config asks (fuse_report.json says which)."""
+def _fuse(peft_model: nn.Module, config: TrainConfig, out: Path, step_loss: StepLoss) -> str | None:
+    """Route the LoRA layers through the fused ops when the config asks (fuse_report.json says which).
+    Not under FSDP, where they would get sharded base weights (sharding.json says what is sharded)."""
+    if step_loss.sharded_params is not None:
+        _write_sharding(peft_model, out)
+        return None
     if not uses_fused_layers(config, peft_model):
         return None
     from sails_fast.integrations.peft import fuse_lora
