@@ -145,6 +145,13 @@ def test_a_run_recorded_before_a_key_was_fingerprinted_is_reused_when_its_config
         run_pipeline(config, out, until="train")
 
 
+def test_accelerate_fsdp_without_the_config_key_is_an_error(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"--use_fsdp.*\"parallel\": \"fsdp\""):
+        run_pipeline(tiny_config(*tiny_assets), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_train_key_that_changes_the_adapter_changes_its_fingerprint():
     base = step_fingerprints(RunConfig())
     for key, value in (("batch_size", 8), ("grad_accum_steps", 2), ("seed", 1)):

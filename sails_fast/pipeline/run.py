@@ -129,6 +129,16 @@ def load_saes(
     return saes
 
 
+def _check_launcher(config: RunConfig) -> None:
+    """`accelerate launch --use_fsdp` asks for FSDP, which the run takes from its own config: say so rather
+    than train with DDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and config.sails.train.parallel != "fsdp":
+        raise ValueError(
+            "accelerate launch --use_fsdp: sails-fast does not read accelerate's FSDP settings; set "
+            '"sails": {"train": {"parallel": "fsdp"}} in the run config (and launch without --use_fsdp)'
+        )
+
+
 def _check_enough_examples(data: dict) -> None:
     """Every rank needs a share of the training prompts; raised alike on every rank (same data)."""
     world = distributed.world_size()
@@ -215,6 +225,7 @@ def run_pipeline(
         settings = {"out_dir": str(out_dir), "until": until, "force": force, "from_step": from_step}
         distributed.check_same("the run's config", {**flatten(config.to_dict(), ""), **settings})
 
+    _check_launcher(config)
     # everything is read and checked before anything is written
     sources = load_sources(config.data)
     data = split_sources(sources, config.data)
