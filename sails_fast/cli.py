@@ -214,6 +214,10 @@ def make_parser() -> argparse.ArgumentParser:
         "--sae-latents", type=int, help="latents per SAE (default: from local SAE specs, else 8 x d)"
     )
     p.add_argument(
+        "--ranks", type=int, default=1,
+        help="processes under torchrun: with sails.train.parallel 'fsdp', training holds 1/N of the base",
+    )  # fmt: skip
+    p.add_argument(
         "--json", action="store_true", help="the plan as JSON (stats_peak_bytes, train_peak_bytes, ...)"
     )
     p.set_defaults(func=cmd_plan)
@@ -230,7 +234,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     shape = ModelShape.from_pretrained(_model_config_path(config.model.path))
-    plan = plan_memory(config, shape, device=args.device, sae_latents=args.sae_latents)
+    plan = plan_memory(config, shape, device=args.device, sae_latents=args.sae_latents, ranks=args.ranks)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
     return 0
 

@@ -96,6 +96,35 @@ def test_plan_cli_reads_a_folder_with_only_config_json(tmp_path, capsys):
     assert "train:" in text and "16 GiB: fits" in text and "checkpointed block inputs" in text
 
 
+def test_plan_with_fsdp_ranks_shards_only_the_training_base(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "llama-3.1-8b" / "config.json").read_text())
+    shape = ModelShape.from_pretrained(folder)
+    plans = {}
+    for parallel in ("ddp", "fsdp"):
+        cfg = {"model": {"path": str(folder), "quantize": "none", "compute_dtype": "bfloat16"},
+               "sails": {"train": {"parallel": parallel}}}  # fmt: skip
+        (tmp_path / f"{parallel}.json").write_text(json.dumps(cfg))
+        args = ["plan", "--config", str(tmp_path / f"{parallel}.json"), "--ranks", "4", "--json"]
+        assert cli_main(args) == 0
+        plans[parallel] = json.loads(capsys.readouterr().out)["steps"]
+    ddp, fsdp = plans["ddp"], plans["fsdp"]
+    for step in ("pairs", "stats", "eval"):
+        assert fsdp[step] == ddp[step], step
+    linear = shape.linear_params() * 2
+    saved = ddp["train"]["parts"]["base weights (bfloat16)"] - sum(
+        v for k, v in fsdp["train"]["parts"].items() if k not in ddp["train"]["parts"]
+    )
+    # 3/4 of the layers' weights leave each rank; two layers are whole while they run
+    assert saved == pytest.approx(linear * 3 / 4 - 2 * linear / shape.layers, rel=1e-6)
+    assert ddp["train"]["parts"] == plan_memory(RunConfig.load(tmp_path / "ddp.json"), shape).to_dict()[
+        "steps"
+    ]["train"]["parts"]  # DDP: every rank holds what one process holds
+    assert cli_main(["plan", "--config", str(tmp_path / "fsdp.json"), "--ranks", "0"]) != 0
+    assert "ranks: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "model, message",
     [("{tmp}/missing", "does not exist"), ("{tmp}", "has no config.json"), ("{tmp}/bad", "not valid JSON")],

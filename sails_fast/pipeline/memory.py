@@ -279,7 +279,11 @@ def _sae_shapes(config: RunConfig, shape: ModelShape, latents: int | None) -> tu
 
 
 def plan_memory(
-    config: RunConfig, shape: ModelShape, device: str = "cuda", sae_latents: int | None = None
+    config: RunConfig,
+    shape: ModelShape,
+    device: str = "cuda",
+    sae_latents: int | None = None,
+    ranks: int = 1,
 ) -> MemoryPlan:
     """Predicted peak memory of the pairs, stats, train and eval steps of `config` on `shape`.
 
@@ -290,6 +294,9 @@ def plan_memory(
         device: "cuda" (adds the CUDA context and allocator slack) or "cpu" (tensors only).
         sae_latents: latents per SAE; default: read from local SAE specs' cfg.json, else 8 x d (the
             embedded SAE's width).
+        ranks: processes under torchrun. With `sails.train.parallel` "fsdp" each rank's training holds
+            1/ranks of the decoder layers' weights (plus the layers being all-gathered); with DDP, and
+            for the other steps, every rank holds what one process would.
 
     Returns:
         MemoryPlan; `.steps[name].peak_bytes` and `.to_dict()["train_peak_bytes"]` etc.
@@ -300,6 +307,8 @@ def plan_memory(
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks: expected an int >= 1, got {ranks!r}")
     c = DTYPE_BYTES[config.model.compute_dtype]
     # the 4-bit training base: packed linears; embedding, head and norms upcast to fp32 by PEFT's
     # prepare_model_for_kbit_training (or the compute dtype when the base is not quantised)
@@ -313,13 +322,34 @@ def plan_memory(
     # the residual stream of the training model: fp32 on the 4-bit base, whose embedding PEFT upcasts
     # (bitsandbytes layers return their input's dtype), else the compute dtype
     a = 4 if config.model.quantize == "nf4" else c
+    train_base = (
+        _shard_base(config, shape, ranks) if ranks > 1 and config.sails.train.parallel == "fsdp" else base
+    )
     steps = {
         "pairs": _pairs_plan(config, shape, device, c),
         "stats": _stats_plan(config, shape, device, c, sae_latents),
-        "train": _train_plan(config, shape, device, c, a, base),
+        "train": _train_plan(config, shape, device, c, a, train_base),
         "eval": _eval_plan(config, shape, device, c, a, base),
     }
     return MemoryPlan(shape, device, steps)
+
+
+def _shard_base(config: RunConfig, shape: ModelShape, ranks: int) -> dict[str, int]:
+    """The training base of one FSDP rank: 1/ranks of the decoder layers' linear weights, plus two whole
+    layers' (the one running and the one prefetched). The root unit (embedding, head, norms) is whole
+    through the forward and backward, so it is counted whole."""
+    dtype = config.model.compute_dtype
+    if config.model.quantize == "nf4":
+        layers, name = nf4_bytes(shape.linear_params()), "base weights (NF4, double quant"
+        rest = {"embedding, head, norms (fp32)": shape.other_params() * 4}
+    else:
+        layers, name = shape.linear_params() * DTYPE_BYTES[dtype], f"base weights ({dtype}"
+        rest = {f"embedding, head, norms ({dtype})": shape.other_params() * DTYPE_BYTES[dtype]}
+    return {
+        f"{name}, 1/{ranks} per rank)": -(-layers // ranks),
+        "all-gathered layers (running + prefetched)": 2 * layers // shape.layers,
+        **rest,
+    }
 
 
 def _pairs_plan(config: RunConfig, shape: ModelShape, device: str, c: int) -> StepPlan:
