@@ -118,9 +118,10 @@ def test_plan_with_fsdp_ranks_shards_only_the_training_base(tmp_path, capsys):
     )
     # 3/4 of the layers' weights leave each rank; two layers are whole while they run
     assert saved == pytest.approx(linear * 3 / 4 - 2 * linear / shape.layers, rel=1e-6)
-    assert ddp["train"]["parts"] == plan_memory(RunConfig.load(tmp_path / "ddp.json"), shape).to_dict()[
-        "steps"
-    ]["train"]["parts"]  # DDP: every rank holds what one process holds
+    assert (
+        ddp["train"]["parts"]
+        == plan_memory(RunConfig.load(tmp_path / "ddp.json"), shape).to_dict()["steps"]["train"]["parts"]
+    )  # DDP: every rank holds what one process holds
     assert cli_main(["plan", "--config", str(tmp_path / "fsdp.json"), "--ranks", "0"]) != 0
     assert "ranks: expected an int >= 1, got 0" in capsys.readouterr().err
 
