@@ -6,6 +6,7 @@
     dist_worker.py kill-generate RANK CALL ARGS  sails-fast ARGS; RANK is SIGKILLed at its CALLth generate()
     dist_worker.py rank-config CFG0 CFG1 ARGS... sails-fast ARGS --config CFG<rank> (ranks disagree)
     dist_worker.py helpers                       the collective helpers, and a rank that hangs
+    dist_worker.py cache-race DIR                rank 1 reads the completion caches after rank 0 writes
 """
 
 from __future__ import annotations
@@ -45,6 +46,40 @@ def _kill_at_generate(rank: int, call: int) -> None:
         return original(self, *args, **kwargs)
 
     GenerationMixin.generate = generate
+
+
+def _cache_race() -> int:
+    """Rank 1 reads the completion caches only once rank 0 has appended to its own: both ranks must still
+    split the same prompts and return every completion."""
+    from pathlib import Path
+
+    import sails_fast.pairs.generation as generation
+    from sails_fast.core import distributed
+    from sails_fast.pairs.config import CollectConfig
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_llama, tiny_tokenizer
+
+    distributed.init_from_env()
+    r, cache = distributed.rank(), Path(sys.argv[2]) / "unaligned.jsonl"
+    if r == 1:
+        list_files = generation.rank_cache_files
+
+        def late_listing(*args, **kwargs):
+            rank0_file = cache.with_name("unaligned.rank0.jsonl")
+            deadline = time.monotonic() + 4  # with the fix rank 0 waits for rank 1 instead
+            while time.monotonic() < deadline and not (rank0_file.exists() and rank0_file.stat().st_size):
+                time.sleep(0.05)
+            return list_files(*args, **kwargs)
+
+        generation.rank_cache_files = late_listing
+    tok = tiny_tokenizer(padding_side="left")
+    prompts = [f"prompt number {i}" for i in range(8)]
+    config = CollectConfig(batch_size=2, max_new_tokens=2, progress=False)
+    texts = generation.generate_unaligned(tiny_llama(tokenizer=tok), tok, prompts, config, cache)
+    same = distributed.gather(texts)
+    print(f"cache race [{r}]: {len(texts)} completions, same on both ranks: {same[0] == same[1]}", flush=True)
+    return 0
 
 
 def _helpers() -> int:
@@ -94,6 +129,8 @@ def main() -> int:
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "helpers":
         return _helpers()
+    if mode == "cache-race":
+        return _cache_race()
     from sails_fast.cli import main as cli_main
 
     if mode == "kill-rank":

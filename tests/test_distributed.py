@@ -242,6 +242,15 @@ def test_the_collective_helpers_and_a_hung_rank_timing_out():
     assert re.search(r"timeout \[0\] after [2-5] s", out), out + proc.stderr[-2000:]
 
 
+def test_a_rank_reading_the_caches_late_splits_the_same_prompts(tmp_path):
+    """Rank 0 appends completions to its cache before rank 1 has read the caches: rank 0's list of prompts
+    to do holds for both (rank 1 used to split fewer prompts and fail with a KeyError)."""
+    proc = torchrun("cache-race", tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        assert f"cache race [{r}]: 8 completions, same on both ranks: True" in proc.stdout
+
+
 def test_the_single_process_helpers_are_the_identity():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.gather("x") == ["x"]

@@ -143,6 +143,9 @@ def generate_unaligned(
         if key not in done and key not in seen:
             todo.append((key, prompt))
             seen.add(key)
+    # rank 0's list for all: a rank that reads the caches after another rank has started appending to
+    # its own would otherwise see fewer prompts to do and split them differently
+    todo = distributed.broadcast(todo)
     todo_all, todo = todo, list(distributed.shard(todo))
 
     device = model_device(model)
