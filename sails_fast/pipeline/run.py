@@ -32,7 +32,6 @@ select, subspace and report are computed once by rank 0 and read by the others; 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -65,6 +64,12 @@ from sails_fast.pipeline.fingerprints import (
     step_fingerprints,
 )
 from sails_fast.pipeline.state import RunState, flatten, write_json_atomic
+from sails_fast.pipeline.training_model import (
+    build_peft_model,
+    load_trained_adapter,
+    shards_training,
+    whole_peft_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +404,7 @@ class _Run:
     def init_step(self) -> None:
         # the statistics model is not needed past this point; the training base is loaded on its own
         self.model = None
-        self.peft_model = _build_peft_model(
+        self.peft_model = build_peft_model(
             self.config, self.model_path, self.result.subspace, self.out_dir, self.step
         )
 
@@ -417,7 +422,7 @@ class _Run:
         def load_train():
             if shards_training(self.config):  # the model is dropped below: eval loads its own
                 return train_dir / "adapter"
-            return _load_trained_adapter(self.peft_model, train_dir / "adapter")
+            return load_trained_adapter(self.peft_model, train_dir / "adapter")
 
         self.result.train = self.step("train", make_train, load_train, shared=True)
         if shards_training(self.config):
@@ -431,7 +436,7 @@ class _Run:
                 stale.unlink()
             peft_model = self.peft_model
             if peft_model is None:  # after sharded training: every rank evaluates a whole model
-                peft_model = _whole_peft_model(self.config, self.model_path, out_dir / "train" / "adapter")
+                peft_model = whole_peft_model(self.config, self.model_path, out_dir / "train" / "adapter")
             return _evaluate(
                 peft_model, self.tokenizer, self.data, self.config, self.model_path, out_dir, self.judge
             )
@@ -480,73 +485,6 @@ def _clear_stale_training(train_dir: Path, key: str, restart: bool) -> None:
         log.warning("train: %s holds training from another init, data or config; starting over", train_dir)
         shutil.rmtree(train_dir)
     write_json_atomic(key_file, {"key": key})
-
-
-def shards_training(config: RunConfig) -> bool:
-    """Whether the training step shards its base over the ranks (train.parallel "fsdp" under torchrun)."""
-    return config.sails.train.parallel == "fsdp" and distributed.world_size() > 1
-
-
-def load_training_base(config: RunConfig, model_path: str, *, for_sharding: bool = False):
-    """The base the adapters train on: 4-bit NF4 (bitsandbytes) or full precision, per `model.quantize`.
-
-    `for_sharding` leaves it in host memory: FSDP moves each rank's shard to its device, so the whole base
-    never lands on one."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, config.model.compute_dtype)
-    if config.model.quantize == "nf4":
-        from sails_fast.models.loading import load_base_4bit
-
-        return load_base_4bit(
-            model_path, compute_dtype=dtype, gradient_checkpointing=config.sails.train.gradient_checkpointing,
-            device_map="cpu" if for_sharding else None,
-        )  # fmt: skip
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    return base if for_sharding else base.to(default_device())
-
-
-def _build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path, step) -> Any:
-    """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace.
-
-    The init is deterministic and cheap: applied on every run, and recorded (init.json) as a step."""
-    from peft import get_peft_model
-
-    from sails_fast.lora_init.init import init_lora_from_subspace, make_lora_config
-
-    base = load_training_base(config, model_path, for_sharding=shards_training(config))
-    lora_config = make_lora_config(config.sails.init, rank=config.sails.subspace.rank)
-    peft_model = get_peft_model(base, lora_config)
-
-    def make_init():
-        report = init_lora_from_subspace(peft_model, subspace, config.sails.init)
-        if distributed.is_main():
-            write_json_atomic(out_dir / "init.json", dataclasses.asdict(report))
-        return report
-
-    load = lambda: init_lora_from_subspace(peft_model, subspace, config.sails.init)  # noqa: E731
-    step("init", make_init, load, shared=True)
-    return peft_model
-
-
-def _whole_peft_model(config: RunConfig, model_path: str, adapter_dir: Path) -> Any:
-    """The training base on this rank's device with the LoRA layers holding the trained adapter."""
-    from peft import get_peft_model
-
-    from sails_fast.lora_init.init import make_lora_config
-
-    base = load_training_base(config, model_path)
-    peft_model = get_peft_model(base, make_lora_config(config.sails.init, rank=config.sails.subspace.rank))
-    _load_trained_adapter(peft_model, adapter_dir)
-    return peft_model
-
-
-def _load_trained_adapter(peft_model, adapter_dir: Path):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(peft_model, load_file(str(adapter_dir / "adapter_model.safetensors")))
-    return adapter_dir
 
 
 def _describe_base(model_config: ModelConfig, quantized: bool) -> dict[str, Any]:

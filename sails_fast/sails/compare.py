@@ -26,7 +26,7 @@ __getattr__ = alias(
         "_trainable_params": "sails_fast.study.compare_methods",
         "build_method_model": "sails_fast.study.compare_methods",
         "default_methods": "sails_fast.study.compare_config",
-        "load_training_base": "sails_fast.pipeline.run",
+        "load_training_base": "sails_fast.pipeline.training_model",
         "probe_safety": "sails_fast.study.compare_methods",
         "response_perplexity": "sails_fast.study.compare_methods",
         "run_method": "sails_fast.study.compare_methods",

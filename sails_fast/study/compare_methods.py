@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sails_fast.pipeline.config import RunConfig
-from sails_fast.pipeline.run import load_training_base
+from sails_fast.pipeline.training_model import load_training_base
 from sails_fast.selection.config import SelectConfig
 from sails_fast.study.baselines import PEFT_INITS
 from sails_fast.study.compare_config import CompareConfig, MethodSpec
