@@ -258,7 +258,8 @@ def test_step_fingerprints_unchanged():
     existing run directories are reused, not recomputed. Config keys added since (loss_chunk_tokens,
     train.parallel) change no result and are left out of the fingerprints. sails.train.batch_size joined
     the train fingerprint on purpose (it sets the optimizer step); a run recorded before is brought up to
-    date when its config.json shows today's value (RunState._adopt_new_keys)."""
+    date when the config it trained with (train/train_config.json) shows today's value
+    (RunState._adopt_new_keys)."""
     from sails_fast.pipeline.config import RunConfig
     from sails_fast.pipeline.fingerprints import step_configs, step_fingerprints
     from sails_fast.pipeline.state import stable_hash

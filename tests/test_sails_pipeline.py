@@ -119,27 +119,27 @@ def test_changed_config_is_refused_unless_forced(tiny_assets, tmp_path, monkeypa
     assert again.steps_run == ["select"] and "stats" in again.steps_reused
 
 
-def test_a_run_recorded_before_a_key_was_fingerprinted_is_reused_when_its_config_had_the_value(
+def test_a_run_recorded_before_a_key_was_fingerprinted_is_reused_when_it_trained_with_the_value(
     tiny_assets, tmp_path
 ):
-    """sails.train.batch_size joined the train fingerprint later: runs recorded before are not 'changed'
-    when their config.json shows today's value, and are refused when it shows another."""
+    """sails.train.batch_size joined the train fingerprint later: a train step recorded before is not
+    'changed' when the config it trained with (train/train_config.json) has today's value, and is refused
+    when that shows another, whatever the last run's config.json says (that run may have reused it)."""
     config, out = tiny_config(*tiny_assets), tmp_path / "run"
     run_pipeline(config, out, until="train")
-    state_path = out / "run_state.json"
+    state_path, trained_with = out / "run_state.json", out / "train" / "train_config.json"
     state = json.loads(state_path.read_text())
-    for step in ("train",):  # as an earlier sails_fast recorded it: no batch_size, another key
-        del state["steps"][step]["config"]["sails.train.batch_size"]
-        state["steps"][step]["config_key"] = state["steps"][step]["fingerprint"] = "earlier"
+    train = state["steps"]["train"]  # as an earlier sails_fast recorded it: no batch_size, another key
+    del train["config"]["sails.train.batch_size"]
+    train["config_key"] = train["fingerprint"] = "earlier"
     state_path.write_text(json.dumps(state))
     again = run_pipeline(config, out, until="train")
     assert again.steps_run == [] and "train" in again.steps_reused
     assert "sails.train.batch_size" in json.loads(state_path.read_text())["steps"]["train"]["config"]
 
+    # trained with batch 2 by an earlier version, then reused by a run whose config.json says 4
     state_path.write_text(json.dumps(state))
-    recorded = json.loads((out / "config.json").read_text())
-    recorded["sails"]["train"]["batch_size"] = 2
-    (out / "config.json").write_text(json.dumps(recorded))
+    trained_with.write_text(json.dumps({**json.loads(trained_with.read_text()), "batch_size": 2}))
     with pytest.raises(ValueError, match=r"step\(s\) train computed with another configuration "
                        r"\(sails.train.batch_size: \"<unset>\" -> 4\)"):  # fmt: skip
         run_pipeline(config, out, until="train")

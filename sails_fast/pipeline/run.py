@@ -242,6 +242,7 @@ def run_pipeline(
         config_keys=step_fingerprints(config, judge=judge),
         fingerprints=step_fingerprints(config, digests, judge),
         inputs={s: _step_inputs(s, digests) for s in STEPS}, force=force, from_step=from_step,
+        config_files={"train": ("train/train_config.json", "sails.train")},
     )  # fmt: skip
 
     def check_and_start():

@@ -80,6 +80,8 @@ class RunState:
         inputs: {step: {input name: digest}} of the outside inputs each step's fingerprint covers.
         force: recompute steps recorded with another config instead of refusing; recompute damaged files.
         from_step: recompute this step and every later one whatever their records say.
+        config_files: {step: (the config file it writes when it runs, the config prefix of its keys)}: read
+            to bring records of an earlier sails_fast up to today's keys.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class RunState:
         inputs: Mapping[str, dict],
         force: bool = False,
         from_step: str | None = None,
+        config_files: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         if from_step is not None and from_step not in steps:
             raise ValueError(f"from_step: expected one of {tuple(steps)}, got {from_step!r}")
@@ -101,6 +104,7 @@ class RunState:
         self.steps, self.depends = tuple(steps), depends
         self.configs, self.config_keys, self.fingerprints = configs, config_keys, fingerprints
         self.inputs, self.force, self.from_step = inputs, force, from_step
+        self.config_files = dict(config_files or {})
         self.done: dict[str, dict] = {}
         self.legacy = False
         self.reasons: dict[str, str] = {}
@@ -138,7 +142,7 @@ class RunState:
         changed = [
             s for s in wanted if s in self.done and self.done[s].get("config_key") != self.config_keys[s]
         ]
-        changed = self._adopt_new_keys(changed, previous_config)
+        changed = self._adopt_new_keys(changed)
         if changed and not self.force:
             raise ValueError(
                 f"out_dir: {self.out_dir} holds step(s) {', '.join(changed)} computed with another "
@@ -162,17 +166,17 @@ class RunState:
                 ]
                 self.reasons[s] = f"input changed since the last run: {', '.join(names) or 'unknown'}"
 
-    def _adopt_new_keys(self, changed: list[str], previous: Mapping[str, Any] | None) -> list[str]:
+    def _adopt_new_keys(self, changed: list[str]) -> list[str]:
         """The changed steps less those recorded by an earlier sails_fast that fingerprinted fewer keys, where
-        every key their record lacks has today's value in the run's config.json (`previous`) and nothing
-        else changed: their records are brought up to today's keys (written by `start`)."""
+        the config file the step wrote when it ran (`config_files`) shows today's value for every key its
+        record lacks, and nothing else changed: their records are brought up to today's keys (written by
+        `start`)."""
         still = []
         for s in changed:
             record, now = self.done[s], self.configs[s]
-            old = record.get("config", {})
+            old, shown = record.get("config", {}), self._recorded_config(s)
             same = all(now.get(k) == v for k, v in old.items() if k in now) and all(
-                k in old or (previous is not None and k in previous and previous[k] == v)
-                for k, v in now.items()
+                k in old or (k in shown and shown[k] == v) for k, v in now.items()
             )
             upstream_kept = all(d not in still for d in self.depends.get(s, ()))
             if same and upstream_kept and record.get("inputs") == self.inputs[s]:
@@ -181,6 +185,20 @@ class RunState:
             else:
                 still.append(s)
         return still
+
+    def _recorded_config(self, step: str) -> dict[str, Any]:
+        """The flattened config `step` wrote when it last ran (not config.json, which is the last run's, and
+        that run may have reused the step); {} without one, or when the record's checksum of it fails."""
+        if step not in self.config_files:
+            return {}
+        rel, prefix = self.config_files[step]
+        digest, path = self.done[step].get("outputs", {}).get(rel), self.out_dir / rel
+        try:
+            if digest is not None and file_sha256(path) != digest:
+                return {}
+            return flatten(json.loads(path.read_text()), prefix)
+        except (OSError, ValueError):
+            return {}
 
     def start(self) -> None:
         """Once the run starts: write the records `check` brought up to date, and forget those of the steps
