@@ -346,14 +346,19 @@ def test_fsdp_training_with_a_killed_rank_resumes_to_the_single_process_adapter(
     config["sails"]["train"].update(parallel="fsdp", gradient_checkpointing=True)
     (tmp_path / "fsdp.json").write_text(json.dumps(config))
     args = ("run", "--config", tmp_path / "fsdp.json", "--out", out)
-    proc = torchrun("kill-rank", 1, 3, *args, "--force")  # --force: the changed train config is meant
+    # --force: gradient_checkpointing is in the train fingerprint (parallel is not: it changes no number)
+    proc = torchrun("kill-rank", 1, 3, *args, "--force")
     assert proc.returncode != 0
     assert (out / "train" / "checkpoints" / "step-00000002").is_dir(), proc.stderr[-3000:]
     assert not (out / "train" / "adapter").exists()
+    kept = out / "train" / "checkpoints" / "step-00000002"
+    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [kept, *kept.iterdir()]}
 
     proc = torchrun("cli", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reused: data, pairs, saes, stats, select, subspace, init" in proc.stdout
+    # resumed from checkpoint 2: a restart would have written it again (a new folder, renamed into place)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [kept, *kept.iterdir()]} == written
     log = [json.loads(x) for x in (out / "train" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     # each rank held about half the frozen base (the embedding, norms and 4-bit weights, split by rows)

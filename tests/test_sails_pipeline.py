@@ -147,7 +147,7 @@ def test_a_run_recorded_before_a_key_was_fingerprinted_is_reused_when_it_trained
 
 def test_accelerate_fsdp_without_the_config_key_is_an_error(tiny_assets, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match=r"--use_fsdp.*\"parallel\": \"fsdp\""):
+    with pytest.raises(ValueError, match=r"accelerate launch with FSDP.*\"parallel\": \"fsdp\""):
         run_pipeline(tiny_config(*tiny_assets), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -336,8 +336,9 @@ def plan_memory(
 
 def _shard_base(config: RunConfig, shape: ModelShape, ranks: int) -> dict[str, int]:
     """The training base of one FSDP rank: 1/ranks of the decoder layers' linear weights, plus two whole
-    layers' (the one running and the one prefetched). The root unit (embedding, head, norms) is whole
-    through the forward and backward, so it is counted whole."""
+    layers' (the one running and the one prefetched). The root unit (embedding, head, final norm) is whole
+    through the forward and backward, so it is counted whole; so are the layers' norms (a few KB each,
+    in fact sharded with their layers)."""
     dtype = config.model.compute_dtype
     if config.model.quantize == "nf4":
         layers, name = nf4_bytes(shape.linear_params()), "base weights (NF4, double quant"

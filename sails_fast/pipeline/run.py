@@ -135,12 +135,12 @@ def load_saes(
 
 
 def _check_launcher(config: RunConfig) -> None:
-    """`accelerate launch --use_fsdp` asks for FSDP, which the run takes from its own config: say so rather
-    than train with DDP."""
+    """`accelerate launch --use_fsdp` (or an accelerate config with FSDP) asks for FSDP, which the run takes
+    from its own config: say so rather than train with DDP."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and config.sails.train.parallel != "fsdp":
         raise ValueError(
-            "accelerate launch --use_fsdp: sails-fast does not read accelerate's FSDP settings; set "
-            '"sails": {"train": {"parallel": "fsdp"}} in the run config (and launch without --use_fsdp)'
+            "accelerate launch with FSDP (--use_fsdp or an accelerate config): sails-fast does not read "
+            'accelerate\'s FSDP settings; set "sails": {"train": {"parallel": "fsdp"}} in the run config'
         )
 
 

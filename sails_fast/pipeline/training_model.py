@@ -65,6 +65,12 @@ def build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path
 
 def whole_peft_model(config: RunConfig, model_path: str, adapter_dir: Path) -> Any:
     """The training base on this rank's device with the LoRA layers holding the trained adapter."""
+    import gc
+
+    # a sharded training model is only freed by the cycle collector (FSDP's hooks refer back to it)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     from peft import get_peft_model
 
     from sails_fast.lora_init.init import make_lora_config

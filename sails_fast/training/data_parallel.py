@@ -57,12 +57,16 @@ class StepLoss:
         self.world = distributed.world_size()
         module = _LossModule(peft_model, chunk_tokens)
         self.module: nn.Module = module
-        self.sharded_params: list[nn.Parameter] | None = None
+        # with the base sharded: the trainable parameters, whole on every rank, whose gradients we sum
+        self.replicated_params: list[nn.Parameter] = []
+        self.sharded = self.world > 1 and parallel == "fsdp"
         self.device = device  # where inputs go, when sharded (the embedding is a DTensor then)
-        if self.world > 1 and parallel == "fsdp":
+        if self.sharded:
             from sails_fast.training.fully_sharded import shard_for_training
 
-            self.sharded_params = shard_for_training(module, device)
+            if device is None:
+                raise ValueError("device: FSDP needs the device each rank's shard goes to")
+            self.replicated_params = shard_for_training(module, device)
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -75,13 +79,13 @@ class StepLoss:
 
     def backward(self, batch: list[torch.Tensor], step_tokens: int, last: bool) -> float:
         """Backward of one micro-batch's loss / the step's tokens (all ranks); its summed loss."""
-        if self.sharded_params is not None:
+        if self.sharded:
             loss_sum, _ = self.module(*batch)
             (loss_sum / step_tokens).backward()
             if last:  # the LoRA gradients, whole on every rank, summed over the ranks
                 from sails_fast.training.fully_sharded import all_reduce_gradients
 
-                all_reduce_gradients(self.sharded_params)
+                all_reduce_gradients(self.replicated_params)
             return float(loss_sum.item())
         sync = self.module.no_sync() if self.world > 1 and not last else nullcontext()
         with sync:

@@ -37,6 +37,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def shard_for_training(root: nn.Module, device: torch.device) -> list[nn.Parameter]:
     """Shard `root`'s frozen parameters over the default process group, in place: each decoder layer, then
     the root. Returns the trainable parameters, left whole on every rank and moved to `device`."""
+    check_torch()
     from torch.distributed.fsdp import fully_shard
 
     trainable = [p for p in root.parameters() if p.requires_grad]
@@ -69,13 +70,30 @@ def shard_sizes(root: nn.Module) -> dict[str, int]:
 
 
 def all_reduce_gradients(params: list[nn.Parameter]) -> None:
-    """Sum the parameters' gradients over the ranks, in one flat all-reduce (a missing gradient is zero)."""
+    """Sum the parameters' gradients over the ranks, in one flat all-reduce. A parameter no rank used keeps
+    no gradient (as in one process, so AdamW skips it); one that some ranks used counts zero elsewhere."""
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    used = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1).to(torch.float32) for g in grads), used])
     dist.all_reduce(flat)
     offset = 0
-    for p, g in zip(params, grads, strict=True):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True)
+    for p, g, anyone in zip(params, grads, flat[-len(params) :].tolist(), strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True) if anyone else None
         offset += g.numel()
+
+
+def check_torch() -> None:
+    """FSDP2 with `ignored_params` (torch 2.7+): a clear error on an older torch."""
+    import inspect
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6: FSDP2 was private
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ValueError(
+            f"train.parallel='fsdp': needs torch >= 2.7 (fully_shard's ignored_params); this is torch "
+            f"{torch.__version__}. Use train.parallel='ddp' or a newer torch"
+        )

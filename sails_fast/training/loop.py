@@ -149,7 +149,7 @@ def train(
     total = config.total_steps(N)
     data_order = _data_order(N, total, config)
     # FSDP moves the model onto the device as it shards it: before the optimizer state is made or loaded
-    step_loss = _step_loss(peft_model, params, config, on_step)
+    step_loss = _step_loss(peft_model, config, on_step, out)
     optimizer, scheduler = _optimizer(params, config, total)
 
     run_config = {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE}
@@ -160,7 +160,7 @@ def train(
     writer = distributed.is_main()
     if writer:
         (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    fuse_text = _fuse(peft_model, config, out, step_loss)
+    fuse_text = None if step_loss.sharded else _fuse(peft_model, config, out)
     # what every checkpoint records of the run, besides its step, data order and loss
     run_record = {
         "format": CHECKPOINT_FORMAT, "total_steps": total, "config": run_config,
@@ -208,8 +208,10 @@ def train(
     return TrainResult(adapter_dir, total, final_loss, log_path, resumed_from, fuse_text)
 
 
-def _step_loss(peft_model: nn.Module, params: list, config: TrainConfig, on_step) -> StepLoss:
-    """The micro-batches' forward and backward: one process, DDP, or FSDP (`config.parallel`)."""
+def _step_loss(peft_model: nn.Module, config: TrainConfig, on_step, out: Path) -> StepLoss:
+    """The micro-batches' forward and backward: one process, DDP, or FSDP (`config.parallel`; then
+    `out/sharding.json` says what each rank holds, and the fused LoRA layers, which take whole base
+    weights, are not used)."""
     if config.parallel == "fsdp" and distributed.world_size() > 1:
         if on_step is not None:
             raise ValueError(
@@ -223,7 +225,9 @@ def _step_loss(peft_model: nn.Module, params: list, config: TrainConfig, on_step
             )
         from sails_fast.models.loading import default_device
 
-        return StepLoss(peft_model, config.loss_chunk_tokens, "fsdp", default_device())
+        step_loss = StepLoss(peft_model, config.loss_chunk_tokens, "fsdp", default_device())
+        _write_sharding(peft_model, out)
+        return step_loss
     return StepLoss(peft_model, config.loss_chunk_tokens)
 
 
@@ -327,12 +331,8 @@ def _resume(
     return state
 
 
-def _fuse(peft_model: nn.Module, config: TrainConfig, out: Path, step_loss: StepLoss) -> str | None:
-    """Route the LoRA layers through the fused ops when the config asks (fuse_report.json says which).
-    Not under FSDP, where they would get sharded base weights (sharding.json says what is sharded)."""
-    if step_loss.sharded_params is not None:
-        _write_sharding(peft_model, out)
-        return None
+def _fuse(peft_model: nn.Module, config: TrainConfig, out: Path) -> str | None:
+    """Route the LoRA layers through the fused ops when the config asks (fuse_report.json says which)."""
     if not uses_fused_layers(config, peft_model):
         return None
     from sails_fast.integrations.peft import fuse_lora
