@@ -376,3 +376,24 @@ def test_fsdp_training_with_a_killed_rank_resumes_to_the_single_process_adapter(
         assert [r["response"] for r in two["sets"][s]["records"]] == [
             r["response"] for r in one["sets"][s]["records"]
         ]
+
+
+def test_lora_gradients_are_summed_and_an_unused_one_stays_none(tmp_path):
+    """all_reduce_gradients in a one-process gloo group: the gradients keep their values and dtypes, and a
+    parameter without a gradient keeps none (AdamW then skips it, as in one process)."""
+    import torch.distributed as dist
+
+    from sails_fast.training.fully_sharded import all_reduce_gradients
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+        half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+        used.grad, half.grad = torch.arange(6.0).view(2, 3), torch.full((3,), 0.5, dtype=torch.bfloat16)
+        all_reduce_gradients([used, unused, half])
+        assert torch.equal(used.grad, torch.arange(6.0).view(2, 3)) and unused.grad is None
+        assert half.grad.dtype == torch.bfloat16 and torch.equal(half.grad, torch.full((3,), 0.5).bfloat16())
+    finally:
+        dist.destroy_process_group()
+    assert not distributed.active()
