@@ -76,9 +76,16 @@ def _cache_race() -> int:
     tok = tiny_tokenizer(padding_side="left")
     prompts = [f"prompt number {i}" for i in range(8)]
     config = CollectConfig(batch_size=2, max_new_tokens=2, progress=False)
-    texts = generation.generate_unaligned(tiny_llama(tokenizer=tok), tok, prompts, config, cache)
-    same = distributed.gather(texts)
-    print(f"cache race [{r}]: {len(texts)} completions, same on both ranks: {same[0] == same[1]}", flush=True)
+    try:
+        texts = generation.generate_unaligned(tiny_llama(tokenizer=tok), tok, prompts, config, cache)
+        same = distributed.gather(texts)
+        print(
+            f"cache race [{r}]: {len(texts)} completions, same on both ranks: {same[0] == same[1]}",
+            flush=True,
+        )
+        distributed.barrier()
+    finally:
+        distributed.shutdown()  # a process group left alive aborts the interpreter's exit now and then
     return 0
 
 
