@@ -70,6 +70,7 @@ from sails_fast.pipeline.training_model import (
     shards_training,
     whole_peft_model,
 )
+from sails_fast.pipeline.training_model import load_training_base as load_training_base
 
 log = logging.getLogger(__name__)
 
