@@ -53,12 +53,11 @@ def _cache_race() -> int:
     split the same prompts and return every completion."""
     from pathlib import Path
 
+    from tiny import tiny_llama, tiny_tokenizer  # tests/ is on sys.path: this script's folder
+
     import sails_fast.pairs.generation as generation
     from sails_fast.core import distributed
     from sails_fast.pairs.config import CollectConfig
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import tiny_llama, tiny_tokenizer
 
     distributed.init_from_env()
     r, cache = distributed.rank(), Path(sys.argv[2]) / "unaligned.jsonl"

@@ -44,13 +44,9 @@ def build_peft_model(config: RunConfig, model_path: str, subspace, out_dir: Path
     """The training model: base (4-bit NF4 or full precision) + LoRA initialised from the subspace.
 
     The init is deterministic and cheap: applied on every run, and recorded (init.json) as a step."""
-    from peft import get_peft_model
+    from sails_fast.lora_init.init import init_lora_from_subspace
 
-    from sails_fast.lora_init.init import init_lora_from_subspace, make_lora_config
-
-    base = load_training_base(config, model_path, for_sharding=shards_training(config))
-    lora_config = make_lora_config(config.sails.init, rank=config.sails.subspace.rank)
-    peft_model = get_peft_model(base, lora_config)
+    peft_model = _with_lora(config, model_path, for_sharding=shards_training(config))
 
     def make_init():
         report = init_lora_from_subspace(peft_model, subspace, config.sails.init)
@@ -71,14 +67,19 @@ def whole_peft_model(config: RunConfig, model_path: str, adapter_dir: Path) -> A
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    peft_model = _with_lora(config, model_path)
+    load_trained_adapter(peft_model, adapter_dir)
+    return peft_model
+
+
+def _with_lora(config: RunConfig, model_path: str, *, for_sharding: bool = False) -> Any:
+    """The training base with the run's LoRA layers (as PEFT initialises them)."""
     from peft import get_peft_model
 
     from sails_fast.lora_init.init import make_lora_config
 
-    base = load_training_base(config, model_path)
-    peft_model = get_peft_model(base, make_lora_config(config.sails.init, rank=config.sails.subspace.rank))
-    load_trained_adapter(peft_model, adapter_dir)
-    return peft_model
+    base = load_training_base(config, model_path, for_sharding=for_sharding)
+    return get_peft_model(base, make_lora_config(config.sails.init, rank=config.sails.subspace.rank))
 
 
 def load_trained_adapter(peft_model, adapter_dir: Path):
